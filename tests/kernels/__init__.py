@@ -1,0 +1,1 @@
+"""Tests of the Triton kernels in fasttangent.kernels (run in the interpreter)."""
