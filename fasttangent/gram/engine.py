@@ -1,0 +1,480 @@
+"""Orchestration of the structured NTK Gram: ownership, one forward, batched backward, blocks.
+
+For a block of examples the engine
+
+1. runs one forward pass with hooks (``capture.Recorder``) on every module that owns
+   trainable parameters, recording each call's inputs and outputs;
+2. runs the c backward passes from the outputs, seeded with the one-hot cotangents e_k
+   on every example: batched (``torch.autograd.grad(..., is_grads_batched=True)``) on
+   GPUs, a loop on CPU (see ``GramEngine._cotangents``), in chunks of outputs that fit
+   the memory budget. Examples are independent, so the gradient of the batch sum with
+   respect to a layer output is, row by row, each example's own output cotangent;
+3. asks each owner's rule (``rules``) for its Gram terms, and contracts the terms of two
+   blocks with the ops of ``fasttangent.kernels`` (``gram``, ``factored_dense_gram``,
+   ``factored_conv_gram``) on the requested backend.
+
+Ownership. Each trainable parameter is covered exactly once. A module owns the
+parameters it registers itself (``recurse=False``). A parameter whose module is never
+called (a parent uses ``child.weight`` directly, as ``nn.MultiheadAttention`` does with
+``out_proj``) or that is registered in several modules (tied weights) is handed to the
+nearest module that is called and contains all its users; that module gets the
+generic torch.func rule for it.
+
+Memory. Everything scales with the block size b: recorded inputs and outputs, the c
+cotangents of every output, unfolded patches and materialized per-example gradients
+(c·p per example for such layers). ``block_size=None`` takes the largest b whose
+estimate for two blocks (a pair) fits ``memory_budget`` (bytes; default
+``default_memory_budget``), and the outputs are processed in chunks (all c at
+once when they fit, "full" always all at once); the
+cost model (``cost.py``) keeps each factored layer's pair temporaries within the same
+budget. Features of all blocks are kept when they fit the budget, otherwise
+recomputed for each block pair. A symmetric Gram computes block pairs b₁ ≤ b₂ only
+and mirrors them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .. import kernels
+from .capture import Recorder
+from .cost import FORMS, choose_form
+from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, rule_for
+
+CPU_MEMORY_BUDGET = 256 << 20
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the engine plans for when the caller gives none: a quarter of the free memory
+    of a CUDA device; 256 MiB on CPU, where outputs are processed one backward pass at a
+    time anyway, so that small chunks cost no speed (measured on the CNN benchmark)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return CPU_MEMORY_BUDGET
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+# ------------------------------------------------------------------------------------
+# Checks (each message says what is wrong and how to fix it).
+
+def check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no parameter of the model requires grad, so the NTK (over trainable parameters) is "
+                         "empty; call requires_grad_(True) on the parameters to include")
+    for name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            if module.training:
+                raise ValueError(f"BatchNorm {name or type(module).__name__!r} is in training mode: batch statistics "
+                                 "couple the examples, so a per-example NTK is undefined; call model.eval() first")
+            if not module.track_running_stats:
+                raise ValueError(f"BatchNorm {name!r} has track_running_stats=False and so normalizes with batch "
+                                 "statistics even in eval mode, coupling the examples; build it with "
+                                 "track_running_stats=True (and fill its running statistics)")
+
+
+def check_inputs(x1, x2) -> None:
+    for label, x in (("x1", x1), ("x2", x2)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{label} must be a tensor of shape (n, ...), got {type(x).__name__}")
+    if x1.dim() == 0:
+        raise ValueError("x1 must have a batch dimension (n, ...); use x.unsqueeze(0) for one example")
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(f"x1 and x2 must have the same shape beyond the batch dimension, got "
+                         f"{tuple(x1.shape)} and {tuple(x2.shape)}; reshape or pad one of them")
+    if x2 is not None and x2.device != x1.device:
+        raise ValueError(f"x1 is on {x1.device} and x2 on {x2.device}; move them to the model's device")
+
+
+def output_selection(outputs, c: int):
+    """(list of output indices that enter the Gram, whether the result is the full (c, c) Gram)."""
+    if isinstance(outputs, str):
+        if outputs == "trace":
+            return list(range(c)), False
+        if outputs == "full":
+            return list(range(c)), True
+    elif isinstance(outputs, int) and not isinstance(outputs, bool):
+        if 0 <= outputs < c:
+            return [outputs], False
+        raise ValueError(f"outputs={outputs} is out of range for a model with c={c} outputs; "
+                         f"use an index in [0, {c - 1}], 'trace' or 'full'")
+    raise ValueError(f"outputs={outputs!r} is invalid; use 'trace', 'full' or an output index in [0, {c - 1}]")
+
+
+def as_matrix(out, n: int) -> torch.Tensor:
+    """Model output as (n, c): (n,) is c = 1, (n, *) is flattened."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model returned {type(out).__name__}; ntk_gram needs a tensor output of shape "
+                        "(n, c); wrap the model so that it returns one")
+    if out.dim() == 0 or out.shape[0] != n:
+        raise ValueError(f"the model output has shape {tuple(out.shape)} for a batch of {n}; it must be (n,) or "
+                         "(n, c); wrap the model so that the first dimension is the batch")
+    return out.reshape(n, -1)
+
+
+def check_finite(f: torch.Tensor) -> None:
+    bad = ~torch.isfinite(f)
+    if bad.any():
+        rows = torch.nonzero(bad.any(dim=1)).flatten()[:5].tolist()
+        raise ValueError(f"the model output contains NaN or Inf (examples {rows} of the block); the NTK is "
+                         "undefined there: check the inputs and parameters for NaN/Inf or overflow")
+
+
+# ------------------------------------------------------------------------------------
+# Ownership.
+
+def _common_prefix(names):
+    parts = [n.split(".") if n else [] for n in names]
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
+
+
+def plan_ownership(model: nn.Module, called: set):
+    """{module: {relative name: Parameter}} and the set of modules forced onto the generic rule."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    users = {}
+    for mod_name, module in modules.items():
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                entry = users.setdefault(id(p), (p, []))
+                if (mod_name, p_name) not in entry[1]:
+                    entry[1].append((mod_name, p_name))
+    owners, generic = {}, set()
+    for p, uses in users.values():
+        mod_names = sorted({m for m, _ in uses})
+        if len(mod_names) == 1 and modules[mod_names[0]] in called:
+            owner_name, rel = mod_names[0], uses[0][1]
+        else:
+            owner_name = _common_prefix(mod_names)
+            while modules[owner_name] not in called and owner_name:
+                owner_name = owner_name.rpartition(".")[0]
+            first = uses[0]
+            rel = ".".join(filter(None, [first[0][len(owner_name):].lstrip("."), first[1]]))
+            generic.add(modules[owner_name])
+        owners.setdefault(modules[owner_name], {})[rel] = p
+    return owners, generic
+
+
+def _tensor_bytes(tree) -> int:
+    leaves, _ = tree_flatten(tree)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+# ------------------------------------------------------------------------------------
+# The engine.
+
+class GramEngine:
+    """Computes Gram blocks of one model for one output selection (see the module docstring)."""
+
+    def __init__(self, model, *, full: bool, selected, backend: str, memory_budget: int, conv_form: str):
+        if conv_form not in FORMS:
+            raise ValueError(f"conv_form={conv_form!r} is invalid; use one of {FORMS}")
+        self.model = model
+        self.full = full
+        self.selected = selected
+        self.backend = backend
+        self.budget = memory_budget
+        self.conv_form = conv_form
+        self.owners = {}
+        self.generic = set()
+        self.forms = {}
+        self.batched_backward = None  # None: batched on GPU, a loop over outputs on CPU
+
+    @property
+    def c(self) -> int:
+        return len(self.selected)
+
+    def rule(self, module):
+        return generic_rule if module in self.generic else rule_for(module)
+
+    # -- probing ------------------------------------------------------------------
+    def probe(self, x: torch.Tensor) -> int:
+        """Forward one example: find which modules are called, set ownership, record the
+        calls' shapes for ``plan``; return the number of model outputs c."""
+        called = set()
+        handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in self.model.modules()]
+        candidates = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
+        try:
+            with Recorder(candidates) as rec, torch.enable_grad():
+                out = self.model(x[:1].detach())
+        finally:
+            for h in handles:
+                h.remove()
+        self.owners, self.generic = plan_ownership(self.model, called)
+        self._probe_calls = rec.calls
+        return as_matrix(out, 1).shape[1]
+
+    def plan(self, n1: int, n2: int, chunk: int) -> tuple:
+        """Choose each positions layer's form for blocks (n1, n2) and ``chunk`` outputs at a
+        time; return the estimated bytes per example (independent of the outputs, per output)."""
+        itemsize = next(iter(next(iter(self.owners.values())).values())).element_size()
+        per_example, per_output = 0.0, 0.0
+        for module, params in self.owners.items():
+            calls = self._probe_calls.get(module, [])
+            # inputs, outputs and their clones, and ~ one more output's worth that autograd
+            # saves between recorded layers (activations, pooling indices)
+            per_example += sum(_tensor_bytes(call.args) + 3 * _tensor_bytes(call.outputs) for call in calls)
+            per_output += sum(_tensor_bytes(call.outputs) for call in calls)
+            n_params = sum(p.numel() for p in params.values())
+            shapes = getattr(self.rule(module), "patch_shapes", None)
+            if shapes is None or not calls:
+                per_output += n_params * itemsize
+                continue
+            layer_shapes = shapes(module, calls)
+            self.forms[module] = self._choose(layer_shapes, n1, n2, chunk, itemsize)
+            for shape in layer_shapes:
+                per_example += shape.positions * shape.d_in * shape.groups * itemsize
+                if self.forms[module] != "factored":
+                    per_output += shape.d_in * shape.d_out * shape.groups * itemsize
+        return per_example, per_output
+
+    def _choose(self, layer_shapes, n1, n2, chunk, itemsize) -> str:
+        """One form per module (a rule computes all its weights the same way)."""
+        if self.conv_form != "auto":
+            return self.conv_form
+        forms = [choose_form(shape, n1, n2, chunk, full=self.full, budget_elements=self.budget / itemsize)
+                 for shape in layer_shapes]
+        return max(set(forms), key=forms.count)
+
+    def output_chunks(self, chunk: int):
+        """Positions in ``selected`` grouped ``chunk`` at a time ("full" needs all at once)."""
+        chunk = self.c if self.full else chunk
+        return [list(range(s, min(s + chunk, self.c))) for s in range(0, self.c, chunk)]
+
+    # -- one block ----------------------------------------------------------------
+    def feature_chunks(self, x: torch.Tensor, chunks):
+        """Yield, per output chunk, {(owner index, term index): term} for the examples of ``x``.
+
+        One forward pass; the graph is kept until the last chunk's backward passes.
+        """
+        x = x.detach()
+        n = x.shape[0]
+        with Recorder(self.owners) as rec, torch.enable_grad():
+            f = as_matrix(self.model(x), n)
+        check_finite(f.detach())
+        rec.active = False
+        recorded = [(call, t) for m in self.owners for call in rec.calls[m] for t in call.outputs]
+        for module in self.owners:
+            for call in rec.calls[module]:
+                call.check_inputs_unmodified(module)
+        for number, chunk in enumerate(chunks):
+            with torch.enable_grad():
+                cotangents = self._cotangents(f, [t for _, t in recorded], chunk, retain=number + 1 < len(chunks))
+            for call, _ in recorded:
+                call.cotangents = []
+            for (call, _), g in zip(recorded, cotangents):
+                call.cotangents.append(None if g is None else g.movedim(0, 1))
+            yield self._terms(rec, n, len(chunk))
+            for call, _ in recorded:
+                call.cotangents = None
+
+    def _terms(self, rec, n: int, c: int) -> dict:
+        feats = {}
+        for index, (module, params) in enumerate(self.owners.items()):
+            ctx = LayerContext(module=module, calls=rec.calls[module], params=params, n=n, c=c,
+                               form=self.forms.get(module))
+            rule = self.rule(module)
+            with torch.enable_grad() if rule is generic_rule else torch.no_grad():
+                terms = rule(ctx)
+            for t_index, term in enumerate(terms):
+                feats[(index, t_index)] = term
+        return feats
+
+    def _cotangents(self, f: torch.Tensor, outs: list, chunk: list, retain: bool):
+        """Per recorded output, d(Σ_i f[i, k]) / d out for the outputs k of ``chunk``: (c, n, ...).
+
+        The backward passes run batched (``is_grads_batched``, a vmap over the seeds e_k)
+        on GPUs. On CPU they run as a loop: there, several backward ops (max-pool,
+        convolution) have no efficient vmap rule and the batched pass measured ~2x slower.
+        """
+        if not outs or not f.requires_grad:
+            return [None] * len(outs)
+        f_sel = f[:, [self.selected[k] for k in chunk]]
+        eye = torch.eye(len(chunk), dtype=f.dtype, device=f.device)
+        seeds = eye.unsqueeze(1).expand(len(chunk), f.shape[0], len(chunk))
+        if self.backward_is_batched(f.device) and len(chunk) > 1:
+            return torch.autograd.grad(f_sel, outs, grad_outputs=seeds, is_grads_batched=True, allow_unused=True,
+                                       retain_graph=retain)
+        per_output = [torch.autograd.grad(f_sel, outs, grad_outputs=seeds[k], allow_unused=True,
+                                          retain_graph=retain or k + 1 < len(chunk)) for k in range(len(chunk))]
+        if len(chunk) == 1:
+            return [None if g is None else g.unsqueeze(0) for g in per_output[0]]
+        return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_output)]
+
+    def backward_is_batched(self, device: torch.device) -> bool:
+        """Batched (vmap) backward over outputs on GPUs, a loop on CPU (see ``_cotangents``)."""
+        return self.batched_backward if self.batched_backward is not None else device.type != "cpu"
+
+    # -- a pair of blocks -----------------------------------------------------------
+    def contract(self, feats1: dict, feats2: dict | None, K: torch.Tensor) -> torch.Tensor:
+        """Add the Gram block between two feature sets into K (n1, n2[, c, c]);
+        ``feats2=None`` is the symmetric block of ``feats1`` with itself."""
+        for key, t1 in feats1.items():
+            t2 = None if feats2 is None else feats2.get(key)
+            if feats2 is not None and t2 is None:
+                continue
+            if isinstance(t1, PerExampleGrads):
+                self._add_per_example(K, t1.grads, None if t2 is None else t2.grads)
+            elif isinstance(t1, FactoredTerm):
+                A2, G2 = (None, None) if t2 is None else (t2.inputs, t2.cotangents)
+                self._add_factored(K, t1.inputs, t1.cotangents, A2, G2)
+            else:
+                raise TypeError(f"a rule returned {type(t1).__name__}; rules must return PerExampleGrads or "
+                                "FactoredTerm terms")
+        return K
+
+    def _add_per_example(self, K, J1, J2):
+        n1, c = J1.shape[0], J1.shape[1]
+        if not self.full:
+            kernels.gram(J1.reshape(n1, -1), None if J2 is None else J2.reshape(J2.shape[0], -1),
+                         out=K, backend=self.backend)
+            return
+        n2 = n1 if J2 is None else J2.shape[0]
+        block = kernels.gram(J1.reshape(n1 * c, -1), None if J2 is None else J2.reshape(n2 * c, -1),
+                             backend=self.backend)
+        K += block.view(n1, c, n2, c).permute(0, 2, 1, 3).to(K.dtype)
+
+    def _add_factored(self, K, A1, G1, A2, G2):
+        if not self.full:
+            if A1.shape[1] == 1 and (A2 is None or A2.shape[1] == 1):
+                kernels.factored_dense_gram(A1[:, 0], G1[:, :, 0], None if A2 is None else A2[:, 0],
+                                            None if G2 is None else G2[:, :, 0], out=K, backend=self.backend)
+            else:
+                kernels.factored_conv_gram(A1, G1, A2, G2, out=K, backend=self.backend)
+            return
+        K += factored_full_gram(A1, G1, A2, G2).to(K.dtype)
+
+
+def factored_full_gram(A1, G1, A2=None, G2=None) -> torch.Tensor:
+    """K[i, j, a, b] = Σ_{t,s} (A1[i,t]·A2[j,s]) (G1[i,a,t]·G2[j,b,s]), shape (n1, n2, c, c).
+
+    The full (c × c) counterpart of ``kernels.factored_conv_gram``, composed of torch ops:
+    AAᵢⱼ = Aᵢ Aⱼᵀ, then Σ_t G1[i,a,t] · (AAᵢⱼ G2[j,b])[t].
+    """
+    A2 = A1 if A2 is None else A2
+    G2 = G1 if G2 is None else G2
+    acc = torch.promote_types(A1.dtype, torch.float32)
+    A1, G1, A2, G2 = (t.to(acc) for t in (A1, G1, A2, G2))
+    if A1.shape[1] == 1 and A2.shape[1] == 1:
+        n1, c = G1.shape[:2]
+        n2 = G2.shape[0]
+        AA = A1[:, 0] @ A2[:, 0].T
+        GG = (G1[:, :, 0].reshape(n1 * c, -1) @ G2[:, :, 0].reshape(n2 * c, -1).T).view(n1, c, n2, c)
+        return AA[:, :, None, None] * GG.permute(0, 2, 1, 3)
+    AA = torch.einsum("itd,jsd->ijts", A1, A2)
+    moved = torch.einsum("ijts,jbse->ijbte", AA, G2)
+    return torch.einsum("ijbte,iate->ijab", moved, G1)
+
+
+def plan_blocks(engine, n1: int, n2: int, symmetric: bool, block_size, memory_budget: int):
+    """(block size for x1, for x2, outputs per chunk) within the memory budget.
+
+    Memory ≈ (blocks alive) · b · (per_example + chunk · per_output): one block alive for
+    a symmetric Gram in a single block, two otherwise. The block is the whole input when
+    one output at a time fits, otherwise the largest (halving) that does; the chunk is then
+    as many outputs as fit ("full" needs all c together).
+    """
+    def fits(b, chunk):
+        alive = 1 if symmetric and b >= n1 else 2
+        per_example, per_output = engine.plan(b, b if symmetric else min(b, n2), chunk)
+        return alive * b * (per_example + chunk * per_output) <= memory_budget
+
+    least = engine.c if engine.full else 1
+    if block_size is not None:
+        b = block_size
+    else:
+        b = max(n1, n2)
+        while b > 1 and not fits(b, least):
+            b = max(1, b // 2)
+    # Grow the chunk only while the layer forms stay those chosen for the smallest chunk:
+    # a form switched merely to squeeze more outputs into memory is the slower one.
+    fits(b, least)
+    forms = dict(engine.forms)
+    chunk = engine.c
+    while chunk > least and not (fits(b, chunk) and engine.forms == forms):
+        chunk = max(least, chunk // 2)
+    return min(b, n1), min(b, n2), chunk
+
+
+def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_budget, conv_form):
+    """The engine behind ``fasttangent.ntk_gram`` (argument checks, blocks, symmetry)."""
+    check_model(model)
+    check_inputs(x1, x2)
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce={reduce!r} is invalid; use 'sum' or 'mean'")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    if memory_budget is None:
+        memory_budget = default_memory_budget(x1.device)
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    symmetric = x2 is None
+    n1 = x1.shape[0]
+    n2 = n1 if symmetric else x2.shape[0]
+    engine = GramEngine(model, full=False, selected=[0], backend=backend, memory_budget=memory_budget,
+                        conv_form=conv_form)
+    c_total = engine.probe(x1)
+    engine.selected, engine.full = output_selection(outputs, c_total)
+    dtype = torch.promote_types(next(p for p in model.parameters() if p.requires_grad).dtype, torch.float32)
+
+    b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget)
+    chunks = engine.output_chunks(chunk)
+    blocks1 = [slice(s, min(s + b1, n1)) for s in range(0, n1, b1)]
+    blocks2 = blocks1 if symmetric else [slice(s, min(s + b2, n2)) for s in range(0, n2, b2)]
+    per_example, per_output = engine.plan(b1, b2, chunk)
+    all_features = (n1 + (0 if symmetric else n2)) * (per_example + engine.c * per_output)
+    keep_all = len(chunks) == 1 and all_features <= memory_budget
+
+    shape = (n1, n2, engine.c, engine.c) if engine.full else (n1, n2)
+    K = torch.zeros(shape, dtype=dtype, device=x1.device)
+    cache, last = {}, {}
+
+    def block_chunks(side, index):
+        """Per-chunk features of one block: a list when there is a single chunk (kept for
+        all blocks when they fit the budget, else the latest block is kept: the symmetric
+        loop asks for block i again right after finishing row i - 1); a fresh stream
+        (one forward, then the chunks' backward passes) otherwise."""
+        key = (side, index)
+        if key in cache:
+            return cache[key]
+        if key in last:
+            return last[key]
+        x, blocks = (x1, blocks1) if side == 1 else (x2, blocks2)
+        stream = engine.feature_chunks(x[blocks[index]], chunks)
+        if len(chunks) > 1:
+            return stream
+        feats = list(stream)
+        if keep_all:
+            cache[key] = feats
+        else:
+            last.clear()
+            last[key] = feats
+        return feats
+
+    for i, s1 in enumerate(blocks1):
+        for j, s2 in enumerate(blocks2):
+            if symmetric and j < i:
+                continue
+            size1, size2 = s1.stop - s1.start, s2.stop - s2.start
+            block = torch.zeros((size1, size2, *shape[2:]), dtype=dtype, device=x1.device)
+            if symmetric and i == j:
+                for feats in block_chunks(1, i):
+                    engine.contract(feats, None, block)
+            else:
+                for feats1, feats2 in zip(block_chunks(1, i), block_chunks(1 if symmetric else 2, j)):
+                    engine.contract(feats1, feats2, block)
+            K[s1, s2] = block
+            if symmetric and i != j:
+                K[s2, s1] = block.transpose(0, 1).transpose(2, 3) if engine.full else block.T
+    if reduce == "mean" and not engine.full:
+        K /= engine.c
+    return K

@@ -1,0 +1,108 @@
+"""ft.ntk_gram's error messages: each names the problem and the fix."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fasttangent as ft
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_batchnorm_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+        ft.ntk_gram(model, torch.randn(4, 3))
+
+
+def test_batchnorm_without_running_stats():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        ft.ntk_gram(model, torch.randn(4, 3))
+
+
+def test_no_parameter_requires_grad():
+    model = _mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameter.*requires_grad_\(True\)"):
+        ft.ntk_gram(model, torch.randn(4, 3))
+
+
+def test_x1_x2_shape_mismatch():
+    with pytest.raises(ValueError, match="same shape beyond the batch dimension"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), torch.randn(2, 5))
+
+
+def test_nan_in_outputs():
+    x = torch.randn(4, 3)
+    x[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf \(examples \[2\].*check the inputs"):
+        ft.ntk_gram(_mlp(), x)
+
+
+def test_inf_in_outputs():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].bias[1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ft.ntk_gram(model, torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("outputs", [2, -1, 10])
+def test_outputs_out_of_range(outputs):
+    with pytest.raises(ValueError, match=r"out of range.*c=2.*\[0, 1\]"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), outputs=outputs)
+
+
+@pytest.mark.parametrize("outputs", ["diag", None, 1.0, True])
+def test_outputs_invalid(outputs):
+    with pytest.raises(ValueError, match=r"invalid; use 'trace', 'full' or an output index"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), outputs=outputs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"reduce": "max"}, "reduce='max' is invalid; use 'sum' or 'mean'"),
+    ({"block_size": 0}, "block_size must be a positive int"),
+    ({"conv_form": "fast"}, "conv_form='fast' is invalid"),
+    ({"backend": "tpu"}, "backend='tpu' is not one of"),
+])
+def test_invalid_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), **kwargs)
+
+
+def test_backend_that_cannot_run_says_why():
+    with pytest.raises(ValueError, match="cuda"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), backend="cuda")
+
+
+def test_input_modified_in_place_after_use():
+    class InPlaceAfterUse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = torch.tanh(x)
+            out = self.lin(h)
+            h.mul_(2)  # the Linear's recorded input changes after the call
+            return out + h.sum(dim=1, keepdim=True)
+
+    with pytest.raises(RuntimeError, match="modified in place.*out-of-place"):
+        ft.ntk_gram(InPlaceAfterUse(), torch.randn(4, 3))
+
+
+def test_non_tensor_model_output():
+    class ReturnsDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"logits": self.lin(x)}
+
+    with pytest.raises(TypeError, match="tensor output.*wrap the model"):
+        ft.ntk_gram(ReturnsDict(), torch.randn(4, 3))

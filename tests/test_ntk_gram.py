@@ -1,0 +1,352 @@
+"""ft.ntk_gram against an independent float64 torch.func Jacobian contraction.
+
+Reference: J (n, c, p) from vmap(jacrev) of a float64 copy of the model, then
+K[i, j, a, b] = J1[i, a] · J2[j, b]. Every outputs mode, self and cross Grams.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+import fasttangent as ft
+from fasttangent.gram import PerExampleGrads, register_rule
+from fasttangent.gram.cost import FACTORED, MATERIALIZED, PatchShape, choose_form
+from fasttangent.gram.engine import GramEngine
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = [torch.float32, torch.float64]
+OUTPUT_MODES = ["trace", "full", 1]
+
+
+def jacobian(model: nn.Module, x: torch.Tensor, output: int | None = None) -> torch.Tensor:
+    """(n, c, p) float64 per-example Jacobian (or (n, 1, p) of one output)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def f(p, xi):
+        out = functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
+        return out if output is None else out[output:output + 1]
+
+    J = vmap(jacrev(f), (None, 0))(params, x)
+    return torch.cat([v.reshape(x.shape[0], v.shape[1], -1) for v in J.values()], dim=2)
+
+
+def reference_full(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    model = copy.deepcopy(model).double()
+    J1, J2 = jacobian(model, x1.double()), jacobian(model, x2.double())
+    return torch.einsum("iap,jbp->ijab", J1, J2)
+
+
+def select(full: torch.Tensor, outputs) -> torch.Tensor:
+    if outputs == "trace":
+        return full.diagonal(dim1=2, dim2=3).sum(-1)
+    if outputs == "full":
+        return full
+    return full[:, :, outputs, outputs]
+
+
+def rel_error(K: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((K.double() - ref).norm() / ref.norm()).item()
+
+
+# ------------------------------------------------------------------------------------
+# Models (built deterministically; lazily sized layers are materialized on a dummy batch).
+
+class Scale(nn.Module):
+    """A custom layer with its own parameters (no registered rule: generic torch.func)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+        self.b = nn.Parameter(0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w) + self.b * x**2
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN + identity, with in-place ops like torchvision's BasicBlock."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class SharedMLP(nn.Module):
+    """One Linear called twice (weight sharing) plus a custom-parameter layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.shared = nn.Linear(6, 6)
+        self.scale = Scale(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = self.scale(torch.tanh(self.shared(h)))
+        return self.out(h)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention uses out_proj's weight without calling out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h)
+        return self.head(a.mean(dim=1))
+
+
+class Tied(nn.Module):
+    """Two Linear modules sharing one weight tensor (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)), (5,)
+
+
+def _cnn2d():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, dilation=2, padding=2, groups=2, padding_mode="reflect"), nn.Tanh(),
+        nn.Conv2d(6, 6, (2, 3), stride=(1, 2), groups=6, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.LazyLinear(3)), (3, 9, 9)
+
+
+def _cnn1d():
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv1d(4, 4, 3, dilation=2, padding="same", groups=2), nn.ReLU(),
+        nn.Conv1d(4, 3, 2, padding=1, padding_mode="circular"),
+        nn.Flatten(), nn.LazyLinear(3)), (2, 11)
+
+
+def _residual_bn():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), Residual(4),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3), nn.BatchNorm1d(3)), (2, 6, 6)
+
+
+def _norms():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(1, 2),  # (n, 16, 3)
+                         nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3),
+                         nn.LayerNorm([16, 3]), nn.Flatten(), nn.Linear(48, 3)), (2, 6, 5)
+
+
+def _sequence():
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Flatten(), nn.Linear(15, 3)), (5, 4)
+
+
+MODELS = {
+    "mlp": _mlp, "cnn2d": _cnn2d, "cnn1d": _cnn1d, "residual_bn": _residual_bn, "norms": _norms,
+    "sequence_linear": _sequence, "shared_and_custom": lambda: (SharedMLP(), (5,)),
+    "attention": lambda: (Attention(), (4, 3)), "tied": lambda: (Tied(), (4,)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str):
+    """(model in eval mode, x1 (5, ...), x2 (3, ...), reference full cross, reference full self)."""
+    torch.manual_seed(0)
+    model, shape = MODELS[name]()
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):  # give BatchNorm non-trivial running statistics
+            model(torch.randn(8, *shape))
+    model.eval()
+    x1, x2 = torch.randn(5, *shape), torch.randn(3, *shape)
+    return model, x1, x2, reference_full(model, x1, x2), reference_full(model, x1, x1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("outputs", OUTPUT_MODES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_jacobian_reference(name, outputs, dtype):
+    model, x1, x2, ref_cross, ref_self = case(name)
+    model = copy.deepcopy(model).to(dtype)
+    K_cross = ft.ntk_gram(model, x1.to(dtype), x2.to(dtype), outputs=outputs)
+    K_self = ft.ntk_gram(model, x1.to(dtype), outputs=outputs)
+    assert K_cross.dtype == dtype and K_self.dtype == dtype
+    assert rel_error(K_cross, select(ref_cross, outputs)) < TOLERANCE[dtype]
+    assert rel_error(K_self, select(ref_self, outputs)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["cnn2d", "residual_bn", "shared_and_custom"])
+def test_small_blocks(name, dtype):
+    """block_size=2 with n1 = 5 (odd) and n2 = 3: several block pairs, ragged last blocks."""
+    model, x1, x2, ref_cross, ref_self = case(name)
+    model = copy.deepcopy(model).to(dtype)
+    for outputs in OUTPUT_MODES:
+        K_cross = ft.ntk_gram(model, x1.to(dtype), x2.to(dtype), outputs=outputs, block_size=2)
+        K_self = ft.ntk_gram(model, x1.to(dtype), outputs=outputs, block_size=2)
+        assert rel_error(K_cross, select(ref_cross, outputs)) < TOLERANCE[dtype]
+        assert rel_error(K_self, select(ref_self, outputs)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("outputs", OUTPUT_MODES)
+def test_tiny_memory_budget_picks_blocks_and_stays_exact(outputs):
+    """A budget of a few examples: several blocks, outputs streamed in chunks."""
+    model, x1, x2, ref_cross, ref_self = case("cnn2d")
+    K = ft.ntk_gram(model, x1, x2, outputs=outputs, memory_budget=20_000)
+    assert rel_error(K, select(ref_cross, outputs)) < TOLERANCE[torch.float32]
+    K = ft.ntk_gram(model, x1, outputs=outputs, memory_budget=20_000)
+    assert rel_error(K, select(ref_self, outputs)) < TOLERANCE[torch.float32]
+
+
+def test_mean_reduce_is_trace_over_c():
+    model, x1, x2, ref_cross, _ = case("mlp")
+    K = ft.ntk_gram(model, x1, x2, reduce="mean")
+    assert rel_error(K, select(ref_cross, "trace") / 3) < TOLERANCE[torch.float32]
+
+
+def test_scalar_output_counts_as_one_output():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))
+    x = torch.randn(4, 3)
+    ref = reference_full(model, x, x)
+    assert ft.ntk_gram(model, x, outputs="full").shape == (4, 4, 1, 1)
+    assert rel_error(ft.ntk_gram(model, x), select(ref, "trace")) < TOLERANCE[torch.float32]
+
+
+def test_frozen_parameters_are_excluded():
+    model, x1, x2, _, _ = case("mlp")
+    model = copy.deepcopy(model)
+    model[0].requires_grad_(False)
+    ref = reference_full(model, x1, x2)
+    assert rel_error(ft.ntk_gram(model, x1, x2, outputs="full"), ref) < TOLERANCE[torch.float32]
+
+
+def test_user_registered_rule_is_used():
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return x * self.gain
+
+    used = []
+
+    def gain_rule(ctx):
+        used.append(True)
+        grads = sum(call.cotangents[0] * call.inputs[0].unsqueeze(1) for call in ctx.calls)
+        return [PerExampleGrads(grads)]
+
+    register_rule(Gain, gain_rule)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    K = ft.ntk_gram(model, x, outputs="full")
+    assert used
+    assert rel_error(K, reference_full(model, x, x)) < TOLERANCE[torch.float32]
+
+
+# ------------------------------------------------------------------------------------
+# The convolution cost model.
+
+def test_cost_model_prefers_each_form_where_it_is_cheaper():
+    first_cifar_conv = PatchShape(positions=1024, d_in=27, d_out=32)
+    deep_conv_on_small_map = PatchShape(positions=4, d_in=4608, d_out=512)
+    assert choose_form(first_cifar_conv, 128, 128, 10, full=False, budget_elements=1e9) == MATERIALIZED
+    assert choose_form(deep_conv_on_small_map, 2, 2, 10, full=False, budget_elements=1e9) == FACTORED
+    # cheaper in MACs but over the memory budget (2 n² T² pair temporaries): not taken
+    small_map = PatchShape(positions=4, d_in=128, d_out=128)
+    assert choose_form(small_map, 20000, 20000, 10, full=False, budget_elements=1e11) == FACTORED
+    assert choose_form(small_map, 20000, 20000, 10, full=False, budget_elements=1e10) == MATERIALIZED
+
+
+def _two_regime_cnn():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),       # T = 256, tiny weight
+                         nn.AvgPool2d(8), nn.Conv2d(2, 64, 2), nn.ReLU(),  # T = 1, large weight
+                         nn.Flatten(), nn.Linear(64, 2)).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_conv_forms_are_chosen_and_agree(dtype):
+    model = _two_regime_cnn().to(dtype)
+    x1, x2 = torch.randn(3, 1, 16, 16, dtype=dtype), torch.randn(2, 1, 16, 16, dtype=dtype)
+    engine = GramEngine(model, full=False, selected=[0, 1], backend="auto", memory_budget=1 << 30,
+                        conv_form="auto")
+    engine.probe(x1)
+    engine.plan(3, 2, 2)
+    conv_forms = {type(m).__name__ + str(i): form for i, (m, form) in enumerate(engine.forms.items())
+                  if isinstance(m, nn.Conv2d)}
+    assert sorted(conv_forms.values()) == [FACTORED, MATERIALIZED]
+    ref = reference_full(model, x1, x2)
+    for outputs in OUTPUT_MODES:
+        results = [ft.ntk_gram(model, x1, x2, outputs=outputs, conv_form=form)
+                   for form in ("auto", FACTORED, MATERIALIZED)]
+        for K in results:
+            assert rel_error(K, select(ref, outputs)) < TOLERANCE[dtype]
+
+
+# ------------------------------------------------------------------------------------
+# torchvision ResNet18 (BatchNorm in eval, in-place ReLU and residual adds).
+
+@pytest.mark.slow
+def test_resnet18_matches_reference_one_output_at_a_time():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    K = ft.ntk_gram(model, x, outputs="full")
+    model64 = copy.deepcopy(model).double()
+    J = torch.cat([jacobian(model64, x.double(), output=k) for k in range(10)], dim=1)
+    ref = torch.einsum("iap,jbp->ijab", J, J)
+    assert rel_error(K, ref) < TOLERANCE[torch.float32]
+    assert rel_error(ft.ntk_gram(model, x), select(ref, "trace")) < TOLERANCE[torch.float32]
+    assert rel_error(ft.ntk_gram(model, x, outputs=7), select(ref, 7)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_batched_and_looped_backward_agree_with_reference(monkeypatch, batched):
+    """The GPU path (vmap over output seeds) and the CPU path (loop) on the same CPU model."""
+    monkeypatch.setattr(GramEngine, "backward_is_batched", lambda self, device: batched)
+    model, x1, x2, ref_cross, ref_self = case("residual_bn")
+    for outputs in OUTPUT_MODES:
+        assert rel_error(ft.ntk_gram(model, x1, x2, outputs=outputs), select(ref_cross, outputs)) < 1e-5
+        K = ft.ntk_gram(model, x1, outputs=outputs, memory_budget=30_000)
+        assert rel_error(K, select(ref_self, outputs)) < 1e-5
+
+
+def test_works_under_no_grad_and_with_inputs_requiring_grad():
+    model, x1, x2, ref_cross, _ = case("shared_and_custom")
+    with torch.no_grad():
+        K = ft.ntk_gram(model, x1, x2.clone().requires_grad_(True), outputs="full")
+    assert rel_error(K, ref_cross) < TOLERANCE[torch.float32]
