@@ -6,6 +6,8 @@ parameters and buffers; it is never trained and is not among ``.parameters()``.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -26,7 +28,11 @@ class _FrozenState(nn.Module):
         super().__init__()
         self.names = []
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            self.register_buffer(name.replace(".", "__"), t.detach().clone())
+            key = name.replace(".", "__")
+            if hasattr(self, key):
+                raise ValueError(f"two entries of the model map to the frozen name {key!r}; rename the "
+                                 f"module or parameter {name!r} so that it has no '__' in its name")
+            self.register_buffer(key, t.detach().clone())
             self.names.append(name)
 
     def as_dict(self) -> dict:
@@ -44,7 +50,15 @@ class AlphaScaled(nn.Module):
             authors' code did this); default is the paper's formula.
 
     ``forward(x, f0=None)``: x (n, ...) -> (n, c). Pass ``f0`` (n, c), e.g. from a cache of
-    ``initial_output(x)``, to skip the second forward pass through θ0.
+    ``initial_output(x)``, to skip the second forward pass through θ0 (a step then costs
+    one forward and one backward, as for the bare model).
+
+    The gradient of f^α with respect to θ is α ∂f_θ/∂θ, so with the learning rate
+    ``alpha_lr(η, α)`` = η/α² the first-order change of f^α per step does not depend on α.
+
+    BatchNorm in training mode is refused (its batch statistics would make f_θ0 depend on
+    the batch and its running statistics would drift): call ``remove_batchnorm`` or
+    ``freeze_batchnorm`` on the model first.
     """
 
     def __init__(self, model: nn.Module, alpha: float, center: bool = False):
@@ -60,9 +74,16 @@ class AlphaScaled(nn.Module):
     def initial_output(self, x: torch.Tensor) -> torch.Tensor:
         """f_θ0(x), computed without gradient. x (n, ...) -> (n, c)."""
         _check_no_training_batchnorm(self.model)
-        # a copy of the buffers, so that nothing a forward does can touch θ0
-        state = {k: v.clone() for k, v in self.theta0.as_dict().items()}
-        return functional_call(self.model, state, (x,))
+        # No copy of θ0 is needed: the only standard module that writes its buffers in
+        # forward is BatchNorm in training mode, refused above.
+        return functional_call(self.model, self.theta0.as_dict(), (x,))
+
+    def initial_model(self) -> nn.Module:
+        """A new copy of ``.model`` holding θ0 (parameters and buffers), e.g. the reference
+        of a linearity probe after resuming from a checkpoint."""
+        reference = copy.deepcopy(self.model)
+        reference.load_state_dict(self.theta0.as_dict())
+        return reference
 
     def forward(self, x: torch.Tensor, f0: torch.Tensor | None = None) -> torch.Tensor:
         _check_no_training_batchnorm(self.model)
@@ -94,19 +115,34 @@ class _FrozenBatchNormMixin:
         return super().train(False)
 
 
+def _frozen_class(cls: type) -> type:
+    """``Frozen<cls>``: ``cls`` with ``.train()`` pinned to eval mode. Created once per class
+    and published in this module, so that models holding it can still be pickled."""
+    name = f"Frozen{cls.__name__}"
+    frozen = globals().get(name)
+    if frozen is None or not issubclass(frozen, cls):
+        frozen = type(name, (_FrozenBatchNormMixin, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = frozen
+    return frozen
+
+
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
     """Put every BatchNorm in eval mode for good (running statistics frozen; affine
-    parameters still trainable), as the paper did for Waterbirds. Returns ``model``."""
+    parameters still trainable), as the paper did for Waterbirds. Returns ``model``,
+    modified in place; ``state_dict`` keys are unchanged."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FrozenBatchNormMixin):
-            m.__class__ = type(f"Frozen{type(m).__name__}", (_FrozenBatchNormMixin, type(m)), {})
+            m.__class__ = _frozen_class(type(m))
             m.eval()
     return model
 
 
 def remove_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm with ``nn.Identity`` (the paper's CIFAR/CelebA ResNet18
-    had no normalization). Returns ``model``."""
+    had no normalization). Returns ``model``, modified in place (a bare BatchNorm passed
+    as ``model`` itself cannot be replaced in place: it is returned as ``nn.Identity()``)."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        return nn.Identity()
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             setattr(model, name, nn.Identity())
