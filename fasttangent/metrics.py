@@ -144,7 +144,8 @@ def _ntk_gram(model: nn.Module, x: torch.Tensor, outputs, backend: str, gram_opt
     from .ntk import ntk_gram
 
     with _evaluating(model):
-        return ntk_gram(model, x, outputs=outputs, backend=backend, **gram_options)
+        # a metric is a number, not part of a graph: drop any autograd history
+        return ntk_gram(model, x, outputs=outputs, backend=backend, **gram_options).detach()
 
 
 def ntk_alignment(model: nn.Module, reference, x: torch.Tensor, outputs="trace", backend: str = "auto", *,
