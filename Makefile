@@ -32,7 +32,9 @@ test-all: $(STAMP) data-deps
 demo: $(STAMP)
 	$(VENV)/bin/fasttangent reproduce yinyang --out runs/yinyang
 
+# nngeometry 0.4 is the second baseline; --no-deps keeps the installed torch
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps nngeometry==0.4
 	$(PY) bench/ntk_gram.py
 
 clean:
