@@ -115,6 +115,17 @@ def test_group_index_and_alignment():
     got = D.spurious_aligned(torch.tensor([1, 1, 0, 0]), torch.tensor([0, 1, 1, 0]), reference_y=ref_y,
                              reference_attribute=ref_a)
     assert got.tolist() == [True, False, True, False]
+    # the same examples against a positively correlated reference (Waterbirds-like): a == y
+    got = D.spurious_aligned(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 0, 1]), reference_y=ref_y,
+                             reference_attribute=1 - ref_a)
+    assert got.tolist() == [False, True, False, True]
+    # CelebA's real shape: women are the majority of BOTH classes, yet non-blond men, not
+    # non-blond women, carry the correlation (a per-class majority rule gets this wrong).
+    ref_y = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0])
+    ref_a = torch.tensor([0, 0, 0, 1, 0, 0, 0, 1, 1])
+    got = D.spurious_aligned(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0, 0, 1]), reference_y=ref_y,
+                             reference_attribute=ref_a)
+    assert got.tolist() == [True, False, True, False]
 
 
 def test_holdout_split():

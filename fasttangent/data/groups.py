@@ -87,21 +87,22 @@ def group_index(y, attribute) -> torch.Tensor:
 def spurious_aligned(y, attribute, *, reference_y=None, reference_attribute=None) -> torch.Tensor:
     """Whether each example carries the spurious correlation ("with spurious").
 
-    An example is aligned when its attribute equals the majority attribute of its class,
-    measured on the reference set (default: the given examples; pass the training set).
-    For Waterbirds that means y == place; for CelebA (Blond_Hair vs Male), blond women and
-    non-blond men. Returns (n,) bool.
+    An example is aligned when its attribute predicts its label the way the attribute does
+    on the reference set (default: the given examples; pass the training set): with a
+    positive label–attribute covariance there, aligned means attribute == y (Waterbirds:
+    y == place; planted features); with a negative one, attribute != y (CelebA, Blond_Hair
+    vs Male: blond women and non-blond men). A per-class majority rule would be wrong for
+    CelebA, where most people of *both* classes are women. Returns (n,) bool.
     """
     y, attribute = _as_long(y), _as_long(attribute)
     ry = y if reference_y is None else _as_long(reference_y).to(y.device)
     ra = attribute if reference_attribute is None else _as_long(reference_attribute).to(y.device)
-    majority = torch.zeros(2, dtype=torch.long, device=y.device)
-    for cls in (0, 1):
-        in_class = ra[ry == cls]
-        if in_class.numel() == 0:
-            raise ValueError(f"the reference set has no example of class {cls}; cannot find its majority attribute")
-        majority[cls] = int(in_class.float().mean() > 0.5)
-    return attribute == majority[y]
+    if ry.numel() == 0 or bool((ry == ry[0]).all()):
+        raise ValueError("the reference set holds a single class; the label-attribute correlation is undefined")
+    ry, ra = ry.double(), ra.double()
+    covariance = ((ry - ry.mean()) * (ra - ra.mean())).mean()
+    same = attribute == y
+    return same if covariance >= 0 else ~same
 
 
 class BalancedGroups(NamedTuple):

@@ -107,18 +107,6 @@ def data_dir(config: TrainConfig) -> str:
     return os.path.expanduser(path)
 
 
-def prediction_aligned(y: torch.Tensor, attribute: torch.Tensor, reference_y: torch.Tensor,
-                       reference_attribute: torch.Tensor) -> torch.Tensor:
-    """"With spurious correlation": the attribute predicts the label the way it does on the
-    reference (training) set. If y and the attribute are positively correlated there
-    (Waterbirds, planted features) that is a == y; if negatively (CelebA: women are more
-    often blond), a != y, i.e. blond women and non-blond men. Returns (n,) bool."""
-    ry, ra = reference_y.double(), reference_attribute.double()
-    covariance = ((ry - ry.mean()) * (ra - ra.mean())).mean()
-    same = (attribute.long() == y.long())
-    return same if covariance >= 0 else ~same
-
-
 def cached_tensor(path: Path, signature: dict, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``compute()``, saved at ``path`` with ``signature`` and reused while it is unchanged."""
     if path.exists():
@@ -246,8 +234,8 @@ def spurious_task(config: TrainConfig) -> Task:
 
     y_train, a_train = train_set.y, train_set.attribute
     balanced = D.balanced_group_indices(y_train, a_train, per_group, seed=seed).indices
-    with_train = prediction_aligned(y_train[balanced], a_train[balanced], y_train, a_train)
-    with_test = prediction_aligned(test_set.y, test_set.attribute, y_train, a_train)
+    with_train = D.spurious_aligned(y_train[balanced], a_train[balanced], reference_y=y_train, reference_attribute=a_train)
+    with_test = D.spurious_aligned(test_set.y, test_set.attribute, reference_y=y_train, reference_attribute=a_train)
     target = lambda y: y.float()                                     # logistic loss: {0, 1} float labels
     groups = {
         "train": torch.arange(len(y_train)),
