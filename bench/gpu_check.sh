@@ -115,7 +115,7 @@ done
 if [ -f bench/ntk_gram.py ] && grep -q -- "--gpu" bench/ntk_gram.py; then
   ntk_out=()  # keep its table with the other results instead of in the device's copy of the repo
   grep -q -- '"--out"' bench/ntk_gram.py && ntk_out=(--out "$OUT_DIR/ntk_gram.md")
-  step "bench/ntk_gram.py --gpu" "$OUT_DIR/bench.log" 90 "$PY" bench/ntk_gram.py --gpu "${ntk_out[@]}"
+  step "bench/ntk_gram.py --gpu" "$OUT_DIR/bench.log" 240 "$PY" bench/ntk_gram.py --gpu "${ntk_out[@]}"
 else
   echo "SKIP  bench/ntk_gram.py --gpu (missing, or it has no --gpu flag)" | tee -a "$SUMMARY"
 fi

@@ -350,3 +350,14 @@ def test_works_under_no_grad_and_with_inputs_requiring_grad():
     with torch.no_grad():
         K = ft.ntk_gram(model, x1, x2.clone().requires_grad_(True), outputs="full")
     assert rel_error(K, ref_cross) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("outputs", ["trace", 1])
+def test_materialized_conv_split_into_input_channel_pieces_stays_exact(outputs):
+    """A tiny budget splits each materialized conv weight into per-input-channel pieces
+    (streamed one at a time); the Gram is still the sum over all parameters."""
+    model, x1, x2, ref_cross, ref_self = case("cnn2d")
+    K = ft.ntk_gram(model, x1, outputs=outputs, conv_form="materialized", memory_budget=20_000)
+    assert rel_error(K, select(ref_self, outputs)) < TOLERANCE[torch.float32]
+    K = ft.ntk_gram(model, x1, x2, outputs=outputs, conv_form="materialized", memory_budget=20_000)
+    assert rel_error(K, select(ref_cross, outputs)) < TOLERANCE[torch.float32]

@@ -5,12 +5,14 @@ outputs. The engine later differentiates the model output with respect to those
 recorded outputs, which yields each layer's output cotangents for every example and
 every model output at once.
 
-Why outputs are replaced by clones: models such as torchvision's ResNet apply in-place
+Why outputs may be replaced by clones: models such as torchvision's ResNet apply in-place
 ops (``ReLU(inplace=True)``, ``out += identity``) to a layer's output. An in-place op
 rebases the tensor's autograd history, so a gradient taken "with respect to" it would
 silently become the gradient with respect to the modified value. Handing the rest of
 the network a clone keeps the recorded tensor untouched (the clone's backward is the
-identity, so the cotangent is unchanged).
+identity, so the cotangent is unchanged). A clone doubles the memory of every recorded
+output, so the engine records without clones first and repeats the forward pass with
+``clone_outputs=True`` only when ``Recorder.outputs_modified()`` reports an in-place op.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
@@ -31,7 +34,8 @@ class Call:
     ``output_positions`` are the indices of ``outputs`` among the flattened leaves of the
     module's return value (what a rule re-running the module must pick out). ``cache`` lets
     a rule keep what it derives from the inputs (e.g. unfolded patches) across the output
-    chunks of one block.
+    chunks of one block. ``release_outputs`` swaps the outputs for their autograd edges
+    (``edges``, what the backward passes need) and shape-only meta tensors.
     """
 
     args: tuple
@@ -39,8 +43,16 @@ class Call:
     outputs: list
     output_positions: list
     input_versions: list
+    output_versions: list = dataclasses.field(default_factory=list)
+    edges: list | None = None
     cotangents: list | None = None
     cache: dict = dataclasses.field(default_factory=dict)
+
+    def release_outputs(self) -> None:
+        """Keep only the outputs' gradient edges and meta copies: no later op may read the
+        outputs' values, and the memory of outputs that autograd does not save is freed."""
+        self.edges = [get_gradient_edge(t) for t in self.outputs]
+        self.outputs = [torch.empty_like(t, device="meta") for t in self.outputs]
 
     @property
     def inputs(self) -> tuple:
@@ -66,8 +78,9 @@ class Recorder:
     module on its own, so that nested modules do not record those calls.
     """
 
-    def __init__(self, modules):
+    def __init__(self, modules, *, clone_outputs: bool = True):
         self.modules = list(modules)
+        self.clone_outputs = clone_outputs
         self.calls = {m: [] for m in self.modules}
         self.active = True
         self._handles = []
@@ -83,6 +96,11 @@ class Recorder:
         self._handles.clear()
         return False
 
+    def outputs_modified(self) -> bool:
+        """Whether a later in-place op changed a recorded output (only possible without clones)."""
+        return any(t._version != v for calls in self.calls.values() for call in calls
+                   for t, v in zip(call.outputs, call.output_versions))
+
     def _hook(self, module):
         def hook(mod, args, kwargs, output):
             if not self.active:
@@ -90,13 +108,15 @@ class Recorder:
             out_leaves, out_spec = tree_flatten(output)
             positions = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
             recorded = [out_leaves[i] for i in positions]
-            replaced = list(out_leaves)
-            for i in positions:
-                replaced[i] = out_leaves[i].clone()
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [t._version for t in in_leaves if isinstance(t, torch.Tensor)]
             self.calls[module].append(Call(args=args, kwargs=kwargs, outputs=recorded, output_positions=positions,
-                                           input_versions=versions))
+                                           input_versions=versions, output_versions=[t._version for t in recorded]))
+            if not self.clone_outputs:
+                return None
+            replaced = list(out_leaves)
+            for i in positions:
+                replaced[i] = out_leaves[i].clone()
             return tree_unflatten(replaced, out_spec)
 
         return hook

@@ -20,19 +20,24 @@ called (a parent uses ``child.weight`` directly, as ``nn.MultiheadAttention`` do
 nearest module that is called and contains all its users; that module gets the
 generic torch.func rule for it.
 
-Memory. Everything scales with the block size b: recorded inputs and outputs, the c
-cotangents of every output, unfolded patches and materialized per-example gradients
-(c·p per example for such layers). ``block_size=None`` takes the largest b whose
-estimate for two blocks (a pair) fits ``memory_budget`` (bytes; default
-``default_memory_budget``), and the outputs are processed in chunks (all c at
-once when they fit, "full" always all at once); the
-cost model (``cost.py``) keeps each factored layer's pair temporaries within the same
-budget. Features of all blocks are kept when they fit the budget, otherwise
-recomputed for each block pair. A symmetric Gram computes block pairs b₁ ≤ b₂ only
-and mirrors them.
+Memory. Everything scales with the block size b: the forward graph, the cotangents of
+every recorded output, unfolded patches and materialized per-example gradients (c·p per
+example for such layers). ``block_size=None`` takes the largest b whose estimate for two
+blocks (a pair) fits ``memory_budget`` (bytes; default ``default_memory_budget``), and the
+outputs are processed in chunks (on CPU, whose backward passes run one output at a time,
+one output per chunk; elsewhere all c at once when they fit; "full" always all at once);
+the cost model (``cost.py``) keeps each factored layer's pair temporaries within the same
+budget. Within a block, terms are streamed: after the forward pass the recorded outputs
+are dropped (only their autograd edges are kept), each layer's cotangents are freed once
+its terms are built, and each term is contracted before the next is built; a
+materialized convolution weight is built in input-channel pieces of at most
+budget / ``TERM_FRACTION`` bytes. Features of all blocks are kept when they fit the
+budget, otherwise recomputed for each block pair. A symmetric Gram computes block pairs
+b₁ ≤ b₂ only and mirrors them.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -45,16 +50,20 @@ from .cost import FORMS, choose_form
 from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, rule_for
 
 CPU_MEMORY_BUDGET = 256 << 20
+CPU_CHUNK_FRACTION = 16  # on CPU, the cotangents of one output chunk take at most budget / 16
+TERM_FRACTION = 32  # one materialized term of a block takes at most budget / TERM_FRACTION bytes
 
 
 def default_memory_budget(device: torch.device) -> int:
     """Bytes the engine plans for when the caller gives none: a quarter of the free memory
-    of a CUDA device; 256 MiB on CPU, where outputs are processed one backward pass at a
-    time anyway, so that small chunks cost no speed (measured on the CNN benchmark)."""
+    of a CUDA device; 256 MiB on CPU (the streamed terms and output chunks then take small
+    shares of it: see ``TERM_FRACTION`` and ``CPU_CHUNK_FRACTION``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
     return CPU_MEMORY_BUDGET
+
+
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -188,6 +197,10 @@ class GramEngine:
         self.generic = set()
         self.forms = {}
         self.batched_backward = None  # None: batched on GPU, a loop over outputs on CPU
+        self.clone_outputs = False  # set on the first forward that modifies a recorded output in place
+        self.cache_inputs = True  # keep unfolded patches across output chunks (set by plan_blocks)
+        self.input_bytes_per_example = 0.0
+        self.block = None  # planned examples per block (set by compute_gram)
 
     @property
     def c(self) -> int:
@@ -217,7 +230,7 @@ class GramEngine:
         """Choose each positions layer's form for blocks (n1, n2) and ``chunk`` outputs at a
         time; return the estimated bytes per example (independent of the outputs, per output)."""
         itemsize = next(iter(next(iter(self.owners.values())).values())).element_size()
-        per_example, per_output = 0.0, 0.0
+        per_example, per_output, patch_bytes = 0.0, 0.0, 0.0
         for module, params in self.owners.items():
             calls = self._probe_calls.get(module, [])
             # inputs, outputs and their clones, and ~ one more output's worth that autograd
@@ -233,8 +246,10 @@ class GramEngine:
             self.forms[module] = self._choose(layer_shapes, n1, n2, chunk, itemsize)
             for shape in layer_shapes:
                 per_example += shape.positions * shape.d_in * shape.groups * itemsize
+                patch_bytes += shape.positions * shape.d_in * shape.groups * itemsize
                 if self.forms[module] != "factored":
                     per_output += shape.d_in * shape.d_out * shape.groups * itemsize
+        self.input_bytes_per_example = patch_bytes
         return per_example, per_output
 
     def _choose(self, layer_shapes, n1, n2, chunk, itemsize) -> str:
@@ -252,42 +267,93 @@ class GramEngine:
 
     # -- one block ----------------------------------------------------------------
     def feature_chunks(self, x: torch.Tensor, chunks):
-        """Yield, per output chunk, {(owner index, term index): term} for the examples of ``x``.
+        """Yield, per output chunk and per owner, {(owner index, term index): term} for the
+        examples of ``x`` (one dict per owner, possibly empty, so that two blocks' streams
+        stay aligned).
 
-        One forward pass; the graph is kept until the last chunk's backward passes.
+        One forward pass; the graph is kept until the last chunk's backward passes. The
+        cotangents are computed for groups of owners (``_cotangent_groups``) in turn, and an
+        owner's cotangents (and, unless ``cache_inputs``, its unfolded patches) are released
+        as soon as its terms are built, so that at most one layer's terms are alive at a time.
         """
         x = x.detach()
         n = x.shape[0]
-        with Recorder(self.owners) as rec, torch.enable_grad():
-            f = as_matrix(self.model(x), n)
-        check_finite(f.detach())
-        rec.active = False
-        recorded = [(call, t) for m in self.owners for call in rec.calls[m] for t in call.outputs]
+        rec, f = self._record(x)
         for module in self.owners:
             for call in rec.calls[module]:
                 call.check_inputs_unmodified(module)
+                call.release_outputs()
+        owners = list(self.owners)
         for number, chunk in enumerate(chunks):
-            with torch.enable_grad():
-                cotangents = self._cotangents(f, [t for _, t in recorded], chunk, retain=number + 1 < len(chunks))
-            for call, _ in recorded:
-                call.cotangents = []
-            for (call, _), g in zip(recorded, cotangents):
-                call.cotangents.append(None if g is None else g.movedim(0, 1))
-            yield self._terms(rec, n, len(chunk))
-            for call, _ in recorded:
-                call.cotangents = None
+            groups = self._cotangent_groups(n, len(chunk))
+            for g_number, group in enumerate(groups):
+                recorded = [(call, edge) for m in group for call in rec.calls[m] for edge in call.edges]
+                last = number + 1 == len(chunks) and g_number + 1 == len(groups)
+                with torch.enable_grad():
+                    cotangents = self._cotangents(f, [e for _, e in recorded], chunk, retain=not last)
+                for call, _ in recorded:
+                    call.cotangents = []
+                for (call, _), g in zip(recorded, cotangents):
+                    call.cotangents.append(None if g is None else g.movedim(0, 1))
+                del cotangents
+                for module in group:
+                    index = owners.index(module)
+                    for key, term in self._terms(rec, index, module, n, len(chunk)):
+                        yield {key: term}
+                        del term
+                    for call in rec.calls[module]:
+                        call.cotangents = None
+                        if not self.cache_inputs:
+                            call.cache.clear()
 
-    def _terms(self, rec, n: int, c: int) -> dict:
-        feats = {}
-        for index, (module, params) in enumerate(self.owners.items()):
-            ctx = LayerContext(module=module, calls=rec.calls[module], params=params, n=n, c=c,
-                               form=self.forms.get(module))
-            rule = self.rule(module)
-            with torch.enable_grad() if rule is generic_rule else torch.no_grad():
-                terms = rule(ctx)
-            for t_index, term in enumerate(terms):
-                feats[(index, t_index)] = term
-        return feats
+    def _cotangent_groups(self, n: int, c: int) -> list:
+        """Owners in consecutive groups whose cotangents (n examples, c outputs) take at most
+        budget / ``TERM_FRACTION`` bytes together (a larger owner forms its own group). One
+        backward pass per group and output: more groups re-run the upper part of the
+        backward pass, fewer hold more cotangents at once."""
+        share = self.budget // TERM_FRACTION
+        groups, size = [[]], 0
+        for module in self.owners:
+            calls = self._probe_calls.get(module, [])
+            bytes_ = n * c * sum(_tensor_bytes(call.outputs) for call in calls)
+            if groups[-1] and size + bytes_ > share:
+                groups.append([])
+                size = 0
+            groups[-1].append(module)
+            size += bytes_
+        return groups
+
+    def _record(self, x: torch.Tensor):
+        """Forward pass with the recorder: (recorder, model output (n, c)). Recorded outputs
+        are cloned only for models that modify them in place (see ``capture``), found out
+        on the first block and remembered."""
+        n = x.shape[0]
+        with Recorder(self.owners, clone_outputs=self.clone_outputs) as rec, torch.enable_grad():
+            f = as_matrix(self.model(x), n)
+        rec.active = False
+        if rec.outputs_modified():
+            self.clone_outputs = True
+            del rec, f
+            return self._record(x)
+        check_finite(f.detach())
+        return rec, f
+
+    def _terms(self, rec, index: int, module, n: int, c: int):
+        """Yield ((owner index, term index), term) of one owner, building each term only when
+        the previous one has been contracted (rules may return generators)."""
+        ctx = LayerContext(module=module, calls=rec.calls[module], params=self.owners[module], n=n, c=c,
+                           form=self.forms.get(module), block=self.block, term_bytes=self.budget // TERM_FRACTION)
+        rule = self.rule(module)
+        mode = torch.enable_grad if rule is generic_rule else torch.no_grad
+        with mode():
+            terms = iter(rule(ctx))
+        for t_index in itertools.count():
+            with mode():  # around each step: a generator rule runs its body inside next()
+                term = next(terms, None)
+            if term is None:
+                return
+            yield (index, t_index), term
+            del term  # not alive while the next term is built
 
     def _cotangents(self, f: torch.Tensor, outs: list, chunk: list, retain: bool):
         """Per recorded output, d(Σ_i f[i, k]) / d out for the outputs k of ``chunk``: (c, n, ...).
@@ -304,11 +370,18 @@ class GramEngine:
         if self.backward_is_batched(f.device) and len(chunk) > 1:
             return torch.autograd.grad(f_sel, outs, grad_outputs=seeds, is_grads_batched=True, allow_unused=True,
                                        retain_graph=retain)
-        per_output = [torch.autograd.grad(f_sel, outs, grad_outputs=seeds[k], allow_unused=True,
-                                          retain_graph=retain or k + 1 < len(chunk)) for k in range(len(chunk))]
-        if len(chunk) == 1:
-            return [None if g is None else g.unsqueeze(0) for g in per_output[0]]
-        return [None if grads[0] is None else torch.stack(grads) for grads in zip(*per_output)]
+        stacked = [None] * len(outs)
+        for k in range(len(chunk)):
+            grads = torch.autograd.grad(f_sel, outs, grad_outputs=seeds[k], allow_unused=True,
+                                        retain_graph=retain or k + 1 < len(chunk))
+            if len(chunk) == 1:
+                return [None if g is None else g.unsqueeze(0) for g in grads]
+            for i, g in enumerate(grads):  # copied into place: one output's grads alive besides the result
+                if g is not None:
+                    if stacked[i] is None:
+                        stacked[i] = g.new_empty((len(chunk), *g.shape))
+                    stacked[i][k] = g
+        return stacked
 
     def backward_is_batched(self, device: torch.device) -> bool:
         """Batched (vmap) backward over outputs on GPUs, a loop on CPU (see ``_cotangents``)."""
@@ -375,13 +448,16 @@ def factored_full_gram(A1, G1, A2=None, G2=None) -> torch.Tensor:
     return torch.einsum("ijbte,iate->ijab", moved, G1)
 
 
-def plan_blocks(engine, n1: int, n2: int, symmetric: bool, block_size, memory_budget: int):
+def plan_blocks(engine, n1: int, n2: int, symmetric: bool, block_size, memory_budget: int,
+                one_output_at_a_time: bool = False):
     """(block size for x1, for x2, outputs per chunk) within the memory budget.
 
     Memory ≈ (blocks alive) · b · (per_example + chunk · per_output): one block alive for
     a symmetric Gram in a single block, two otherwise. The block is the whole input when
     one output at a time fits, otherwise the largest (halving) that does; the chunk is then
-    as many outputs as fit ("full" needs all c together).
+    as many outputs as fit ("full" needs all c together). ``one_output_at_a_time`` (the
+    CPU, whose backward passes run one output at a time anyway) caps the chunk's
+    cotangents at budget / ``CPU_CHUNK_FRACTION``.
     """
     def fits(b, chunk):
         alive = 1 if symmetric and b >= n1 else 2
@@ -402,6 +478,13 @@ def plan_blocks(engine, n1: int, n2: int, symmetric: bool, block_size, memory_bu
     chunk = engine.c
     while chunk > least and not (fits(b, chunk) and engine.forms == forms):
         chunk = max(least, chunk // 2)
+    if one_output_at_a_time:
+        # more outputs per chunk only save recomputing the layers' input products (A Aᵀ),
+        # so the chunk's cotangents get a small share of the budget
+        _, per_output = engine.plan(b, b if symmetric else min(b, n2), least)
+        share = memory_budget // CPU_CHUNK_FRACTION
+        chunk = max(least, min(chunk, int(share // max(b * per_output, 1))))
+        engine.plan(b, b if symmetric else min(b, n2), chunk)
     return min(b, n1), min(b, n2), chunk
 
 
@@ -426,23 +509,30 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     engine.selected, engine.full = output_selection(outputs, c_total)
     dtype = torch.promote_types(next(p for p in model.parameters() if p.requires_grad).dtype, torch.float32)
 
-    b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget)
+    b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget,
+                                one_output_at_a_time=not engine.backward_is_batched(x1.device))
     chunks = engine.output_chunks(chunk)
+    engine.block = max(b1, b2)
     blocks1 = [slice(s, min(s + b1, n1)) for s in range(0, n1, b1)]
     blocks2 = blocks1 if symmetric else [slice(s, min(s + b2, n2)) for s in range(0, n2, b2)]
     per_example, per_output = engine.plan(b1, b2, chunk)
     all_features = (n1 + (0 if symmetric else n2)) * (per_example + engine.c * per_output)
     keep_all = len(chunks) == 1 and all_features <= memory_budget
+    # patches re-used by the later output chunks of a block, when they take little of the budget
+    engine.cache_inputs = len(chunks) > 1 and max(b1, b2) * engine.input_bytes_per_example <= memory_budget / 4
+    # a block needed once (one block per side) is streamed layer by layer, never kept whole
+    single_use = len(blocks1) == 1 and len(blocks2) == 1
 
     shape = (n1, n2, engine.c, engine.c) if engine.full else (n1, n2)
     K = torch.zeros(shape, dtype=dtype, device=x1.device)
     cache, last = {}, {}
 
     def block_chunks(side, index):
-        """Per-chunk features of one block: a list when there is a single chunk (kept for
-        all blocks when they fit the budget, else the latest block is kept: the symmetric
-        loop asks for block i again right after finishing row i - 1); a fresh stream
-        (one forward, then the chunks' backward passes) otherwise."""
+        """Per-chunk, per-layer features of one block: a list when there is a single chunk
+        and the block is asked for again (kept for all blocks when they fit the budget, else
+        the latest block is kept: the symmetric loop asks for block i again right after
+        finishing row i - 1); a fresh stream (one forward, then the chunks' backward
+        passes) otherwise."""
         key = (side, index)
         if key in cache:
             return cache[key]
@@ -450,7 +540,7 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
             return last[key]
         x, blocks = (x1, blocks1) if side == 1 else (x2, blocks2)
         stream = engine.feature_chunks(x[blocks[index]], chunks)
-        if len(chunks) > 1:
+        if len(chunks) > 1 or single_use:
             return stream
         feats = list(stream)
         if keep_all:
@@ -469,9 +559,11 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
             if symmetric and i == j:
                 for feats in block_chunks(1, i):
                     engine.contract(feats, None, block)
+                    del feats  # not alive while the stream builds the next term
             else:
                 for feats1, feats2 in zip(block_chunks(1, i), block_chunks(1 if symmetric else 2, j)):
                     engine.contract(feats1, feats2, block)
+                    del feats1, feats2
             K[s1, s2] = block
             if symmetric and i != j:
                 K[s2, s1] = block.transpose(0, 1).transpose(2, 3) if engine.full else block.T

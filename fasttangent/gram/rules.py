@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import torch
@@ -55,8 +56,11 @@ class LayerContext:
     """What a rule sees: the module, its recorded calls (``call.cotangents`` filled, each
     (n, c, *output.shape[1:]) or None), the trainable parameters it must cover (name
     relative to ``module`` -> Parameter), the block size n, the number c of model
-    outputs in the Gram, and the form chosen by the cost model (None for rules without
-    ``patch_shapes``)."""
+    outputs in the Gram, the form chosen by the cost model (None for rules without
+    ``patch_shapes``), and the planned block size ``block`` (>= n) with the bytes
+    ``term_bytes`` one materialized term of such a block may take (None: no limit). A rule
+    may return its terms as a generator; the engine then contracts each term before the
+    next one is built."""
 
     module: nn.Module
     calls: list
@@ -64,6 +68,8 @@ class LayerContext:
     n: int
     c: int
     form: str | None = None
+    block: int | None = None
+    term_bytes: int | None = None
 
 
 _RULES: dict = {}
@@ -121,12 +127,26 @@ def _weight_terms(ctx: LayerContext, patches, groups: int):
         return [FactoredTerm(A_g[:, :, gi], G_g[:, :, gi].transpose(2, 3)) for gi in range(groups)]
     # Materialized: Jᵢₖ = Gᵢₖᵀ Aᵢ per group, one batched matmul over (example, group).
     if groups == 1:
-        J = torch.bmm(G.reshape(n, c * G.shape[2], T), A)
-        return [PerExampleGrads(J.reshape(n, c, -1))]
+        return _materialized_pieces(ctx, A, G)
     A_b = A.reshape(n, T, groups, -1).permute(0, 2, 1, 3).reshape(n * groups, T, -1)
     G_b = G.reshape(n, c, groups, -1, T).transpose(1, 2).reshape(n * groups, -1, T)
     J = torch.bmm(G_b, A_b).reshape(n, groups, c, -1)
     return [PerExampleGrads(J.transpose(1, 2).reshape(n, c, -1))]
+
+
+def _materialized_pieces(ctx: LayerContext, A, G):
+    """Jᵢₖ = Gᵢₖᵀ Aᵢ (ungrouped weight) in pieces of output channels, each within
+    ``ctx.term_bytes`` for the planned block: the Gram is the sum of the pieces' Grams,
+    and only one piece need be alive. The number of pieces depends on the planned block,
+    not on n, so that the term streams of two blocks stay aligned."""
+    n, c, d_out, T = G.shape
+    d_in = A.shape[2]
+    per_channel = (ctx.block or n) * c * d_in * A.element_size()
+    step = d_out if ctx.term_bytes is None else max(1, min(d_out, ctx.term_bytes // per_channel))
+    if step >= d_out:
+        return [PerExampleGrads(torch.bmm(G.reshape(n, c * d_out, T), A).reshape(n, c, -1))]
+    return (PerExampleGrads(torch.bmm(G[:, :, s:s + step].reshape(n, -1, T), A).reshape(n, c, -1))
+            for s in range(0, d_out, step))
 
 
 def _bias_term(patches):
@@ -148,12 +168,9 @@ def _linear_patches(ctx: LayerContext):
 def linear_rule(ctx: LayerContext):
     """nn.Linear: weight by the cost model (T = 1 is always factored: (aᵢ·aⱼ)(gᵢ·gⱼ)), bias Σ_t g."""
     patches = _linear_patches(ctx)
-    terms = []
-    if "weight" in ctx.params:
-        terms += _weight_terms(ctx, patches, groups=1)
-    if "bias" in ctx.params:
-        terms += _bias_term(patches)
-    return terms
+    bias = _bias_term(patches) if "bias" in ctx.params else []
+    weight = _weight_terms(ctx, patches, groups=1) if "weight" in ctx.params else []
+    return itertools.chain(bias, weight)  # lazily: the weight's pieces one at a time
 
 
 def _linear_shapes(module: nn.Linear, calls):
@@ -172,12 +189,9 @@ def _conv_geometry(module):
     return None, module.padding
 
 
-def _unfold(module, x):
-    """Input patches (n, T, C_in·k) of a Conv1d / Conv2d, in the weight's (C_in, k) order.
-
-    Built as a strided view of the (padded) input and copied once into this layout,
-    which on CPU is several times faster than ``F.unfold`` followed by a transpose.
-    """
+def _windows(module, x):
+    """Input patches of a Conv1d / Conv2d as a strided view (n, H_out, W_out, C_in, kh, kw)
+    of the (padded) input, matching the module's own padding."""
     pre_pad, padding = _conv_geometry(module)
     if pre_pad is not None:
         x = F.pad(x, pre_pad[0], mode=pre_pad[1])
@@ -194,9 +208,38 @@ def _unfold(module, x):
     H_out = (H - dh * (kh - 1) - 1) // sh + 1
     W_out = (W - dw * (kw - 1) - 1) // sw + 1
     s_n, s_c, s_h, s_w = x.stride()
-    windows = x.as_strided((n, H_out, W_out, C, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw),
-                           x.storage_offset())
-    return windows.reshape(n, H_out * W_out, C * kh * kw)
+    return x.as_strided((n, H_out, W_out, C, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw),
+                        x.storage_offset())
+
+
+def _unfold(module, x):
+    """Input patches (n, T, C_in·k) of a Conv1d / Conv2d, in the weight's (C_in, k) order.
+
+    Copied once from the strided view of ``_windows``, which on CPU is several times
+    faster than ``F.unfold`` followed by a transpose.
+    """
+    windows = _windows(module, x)
+    n, H_out, W_out = windows.shape[:3]
+    return windows.reshape(n, H_out * W_out, -1)
+
+
+def _conv_materialized_in_pieces(ctx: LayerContext, x, g):
+    """Materialized weight term of an ungrouped conv with one live call, never holding all
+    its patches: the weight is split along its input channels, and each piece's
+    Jᵢₖ[:, piece] = Gᵢₖᵀ Aᵢ[:, piece] comes from the patches of those channels alone (the
+    Gram is the sum of the pieces' Grams). Each piece's patches and J stay within
+    ``ctx.term_bytes`` for the planned block; the number of pieces depends on the planned
+    block, not on n, so that the term streams of two blocks stay aligned."""
+    windows = _windows(ctx.module, x)
+    n, H_out, W_out, C_in = windows.shape[:4]
+    positions, c, d_out = H_out * W_out, g.shape[1], g.shape[2]
+    k = math.prod(windows.shape[4:])
+    per_channel = (ctx.block or n) * k * x.element_size() * max(positions, c * d_out)
+    step = max(1, min(C_in, ctx.term_bytes // per_channel))
+    G = g.reshape(n, c * d_out, positions)
+    for start in range(0, C_in, step):
+        A = windows[:, :, :, start:start + step].reshape(n, positions, -1)
+        yield PerExampleGrads(torch.bmm(G, A).reshape(n, c, -1))
 
 
 def _conv_patches(ctx: LayerContext):
@@ -212,13 +255,17 @@ def _conv_patches(ctx: LayerContext):
 
 def conv_rule(ctx: LayerContext):
     """nn.Conv1d / nn.Conv2d, any stride, padding (mode), dilation and groups."""
+    live = _live_calls(ctx)
+    if (ctx.form != FACTORED and ctx.module.groups == 1 and len(live) == 1 and ctx.term_bytes is not None
+            and "weight" in ctx.params):
+        x, g = live[0].inputs[0], live[0].cotangents[0]
+        g = g.reshape(*g.shape[:3], -1)
+        bias = [PerExampleGrads(g.sum(dim=3))] if "bias" in ctx.params else []
+        return itertools.chain(bias, _conv_materialized_in_pieces(ctx, x, g))
     patches = _conv_patches(ctx)
-    terms = []
-    if "weight" in ctx.params:
-        terms += _weight_terms(ctx, patches, groups=ctx.module.groups)
-    if "bias" in ctx.params:
-        terms += _bias_term(patches)
-    return terms
+    bias = _bias_term(patches) if "bias" in ctx.params else []
+    weight = _weight_terms(ctx, patches, groups=ctx.module.groups) if "weight" in ctx.params else []
+    return itertools.chain(bias, weight)  # lazily: the weight's pieces one at a time
 
 
 def _conv_shapes(module, calls):
@@ -304,7 +351,8 @@ def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int
     is_batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
     batched = [t.detach() for t, b in zip(leaves, is_batched) if b]
     positions = call.output_positions
-    cots = [g if g is not None else torch.zeros_like(o).unsqueeze(1).expand(-1, c, *o.shape[1:])
+    device = next(iter(params.values())).device  # call.outputs may be shape-only (meta) tensors
+    cots = [g if g is not None else torch.zeros((), dtype=o.dtype, device=device).expand(n, c, *o.shape[1:])
             for g, o in zip(call.cotangents, call.outputs)]
 
     def one_example(p, example_leaves, example_cots):
