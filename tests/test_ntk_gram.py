@@ -361,3 +361,9 @@ def test_materialized_conv_split_into_input_channel_pieces_stays_exact(outputs):
     assert rel_error(K, select(ref_self, outputs)) < TOLERANCE[torch.float32]
     K = ft.ntk_gram(model, x1, x2, outputs=outputs, conv_form="materialized", memory_budget=20_000)
     assert rel_error(K, select(ref_cross, outputs)) < TOLERANCE[torch.float32]
+
+
+def test_gram_carries_no_autograd_history():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    K = ft.ntk_gram(model, torch.randn(3, 4))
+    assert not K.requires_grad and K.grad_fn is None
