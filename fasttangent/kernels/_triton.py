@@ -93,6 +93,16 @@ def upper_tile_pairs(num_tiles: int, device: torch.device) -> torch.Tensor:
     return _upper_tile_pairs_on(num_tiles, str(device))
 
 
+def tile_grid(n1: int, n2: int, block_m: int, block_n: int, symmetric: bool, device, placeholder: torch.Tensor):
+    """(pairs, programs) for a 2-d tile launch: the upper-triangle tile pairs of a symmetric
+    Gram (one program each), or every tile of a cross Gram, whose kernel ignores ``pairs``
+    (``placeholder`` only has to be a valid pointer)."""
+    if symmetric:
+        pairs = upper_tile_pairs(triton.cdiv(n1, block_m), device)
+        return pairs, pairs.shape[0]
+    return placeholder, triton.cdiv(n1, block_m) * triton.cdiv(n2, block_n)
+
+
 def output_buffer(out: torch.Tensor | None, shape, device) -> tuple[torch.Tensor, bool]:
     """The buffer a kernel writes and whether it accumulates into it.
 
@@ -126,6 +136,22 @@ else:
 def dot_block(n: int, smallest: int = 16, largest: int = 128) -> int:
     """Power-of-two tile edge for a ``tl.dot`` operand dimension of size n (>= 16, Triton's minimum)."""
     return max(smallest, min(largest, next_power_of_2(n)))
+
+
+@jit
+def block_product(x_ptr, y_ptr, x_rows, y_rows, x_in, y_in, stride_xr, stride_xd, stride_yr, stride_yd, d,
+                   acc, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + X[x_rows] Y[y_rows]ᵀ over the d columns (masked rows read as zero)."""
+    for d0 in range(0, d, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds[None, :] < d
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xr + ds[None, :] * stride_xd, mask=x_in & d_ok, other=0.0)
+        y = tl.load(y_ptr + y_rows[:, None] * stride_yr + ds[None, :] * stride_yd, mask=y_in & d_ok, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+    return acc
 
 
 @jit

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import resolve
-from ._triton import (check_launchable, dot_block, dot_precision, finish, jit, output_buffer, pick_backend, tl,
+from ._triton import (block_product, check_launchable, dot_block, dot_precision, finish, jit, output_buffer, pick_backend, tl,
                       upcast_for_dot, upper_tile_pairs)
 
 
@@ -31,26 +31,6 @@ def factored_conv_gram_torch(A1, G1, A2=None, G2=None):
 
 
 @jit
-
-
-def _block_product(x_ptr, y_ptr, x_rows, y_rows, x_in, y_in, stride_xr, stride_xd, stride_yr, stride_yd, d,
-                   acc, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + X[x_rows] Y[y_rows]ᵀ over the d columns (masked rows read as zero)."""
-    for d0 in range(0, d, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds[None, :] < d
-        x = tl.load(x_ptr + x_rows[:, None] * stride_xr + ds[None, :] * stride_xd, mask=x_in & d_ok, other=0.0)
-        y = tl.load(y_ptr + y_rows[:, None] * stride_yr + ds[None, :] * stride_yd, mask=y_in & d_ok, other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
-    return acc
-
-
-@jit
-
-
 def _factored_conv_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, out_ptr, pairs_ptr, n2, T1, T2, d_in, c, d_out,
                           stride_a1n, stride_a1t, stride_a1d, stride_g1n, stride_g1k, stride_g1t, stride_g1d,
                           stride_a2n, stride_a2t, stride_a2d, stride_g2n, stride_g2k, stride_g2t, stride_g2d,
@@ -79,11 +59,11 @@ def _factored_conv_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, out_ptr, pairs_ptr, n2
             ss = s0 + tl.arange(0, BLOCK_S)
             s_in = ss[:, None] < T2
             activations = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
-            activations = _block_product(a1_i, a2_j, ts, ss, t_in, s_in, stride_a1t, stride_a1d, stride_a2t,
+            activations = block_product(a1_i, a2_j, ts, ss, t_in, s_in, stride_a1t, stride_a1d, stride_a2t,
                                          stride_a2d, d_in, activations, BLOCK_DA, PRECISION_A, UPCAST)
             cotangents = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
             for k in range(0, c):
-                cotangents = _block_product(g1_i + k * stride_g1k, g2_j + k * stride_g2k, ts, ss, t_in, s_in,
+                cotangents = block_product(g1_i + k * stride_g1k, g2_j + k * stride_g2k, ts, ss, t_in, s_in,
                                             stride_g1t, stride_g1d, stride_g2t, stride_g2d, d_out, cotangents,
                                             BLOCK_DG, PRECISION_G, UPCAST)
             total += activations * cotangents
@@ -154,8 +134,4 @@ def factored_conv_gram(A1, G1, A2=None, G2=None, *, out=None, backend="auto", al
     chosen = pick_backend(chosen, backend, tensors, "factored_conv_gram")
     if chosen == "triton":
         return factored_conv_gram_triton(A1, G1, A2, G2, out=out, allow_tf32=allow_tf32)
-    K = factored_conv_gram_torch(A1, G1, A2, G2)
-    if out is None:
-        return K
-    out += K.to(out.dtype)
-    return out
+    return finish(out, factored_conv_gram_torch(A1, G1, A2, G2))

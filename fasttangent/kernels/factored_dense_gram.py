@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..backends import resolve
-from ._triton import (check_launchable, dot_block, dot_precision, finish, jit, output_buffer, pick_backend, store_tile,
-                      tile_of_program, tl, triton, upcast_for_dot, upper_tile_pairs)
+from ._triton import (block_product, check_launchable, dot_block, dot_precision, finish, jit, output_buffer, pick_backend,
+                      store_tile, tile_grid, tile_of_program, tl, upcast_for_dot)
 
 
 def factored_dense_gram_torch(A1, G1, A2=None, G2=None):
@@ -30,8 +30,6 @@ def factored_dense_gram_torch(A1, G1, A2=None, G2=None):
 
 
 @jit
-
-
 def _factored_dense_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, out_ptr, pairs_ptr, n1, n2, d_in, c, d_out,
                            stride_a1n, stride_a1d, stride_g1n, stride_g1k, stride_g1d,
                            stride_a2n, stride_a2d, stride_g2n, stride_g2k, stride_g2d, stride_om, stride_on,
@@ -46,30 +44,15 @@ def _factored_dense_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, out_ptr, pairs_ptr, n
     row_in = rows[:, None] < n1
     col_in = cols[:, None] < n2
 
-    activations = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, d_in, BLOCK_DA):
-        ds = d0 + tl.arange(0, BLOCK_DA)
-        d_ok = ds[None, :] < d_in
-        a = tl.load(a1_ptr + rows[:, None] * stride_a1n + ds[None, :] * stride_a1d, mask=row_in & d_ok, other=0.0)
-        b = tl.load(a2_ptr + cols[:, None] * stride_a2n + ds[None, :] * stride_a2d, mask=col_in & d_ok, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        activations = tl.dot(a, tl.trans(b), activations, input_precision=PRECISION_A)
+    activations = block_product(a1_ptr, a2_ptr, rows, cols, row_in, col_in, stride_a1n, stride_a1d, stride_a2n,
+                                stride_a2d, d_in, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_DA,
+                                PRECISION_A, UPCAST)
 
     cotangents = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, c):
-        g1_k = g1_ptr + k * stride_g1k
-        g2_k = g2_ptr + k * stride_g2k
-        for d0 in range(0, d_out, BLOCK_DG):
-            ds = d0 + tl.arange(0, BLOCK_DG)
-            d_ok = ds[None, :] < d_out
-            g = tl.load(g1_k + rows[:, None] * stride_g1n + ds[None, :] * stride_g1d, mask=row_in & d_ok, other=0.0)
-            h = tl.load(g2_k + cols[:, None] * stride_g2n + ds[None, :] * stride_g2d, mask=col_in & d_ok, other=0.0)
-            if UPCAST:
-                g = g.to(tl.float32)
-                h = h.to(tl.float32)
-            cotangents = tl.dot(g, tl.trans(h), cotangents, input_precision=PRECISION_G)
+        cotangents = block_product(g1_ptr + k * stride_g1k, g2_ptr + k * stride_g2k, rows, cols, row_in, col_in,
+                                   stride_g1n, stride_g1d, stride_g2n, stride_g2d, d_out, cotangents, BLOCK_DG,
+                                   PRECISION_G, UPCAST)
 
     store_tile(out_ptr, stride_om, stride_on, rows, cols, activations * cotangents, n1, n2, SYMMETRIC,
                ACCUMULATE, False)
@@ -102,12 +85,7 @@ def factored_dense_gram_triton(A1, G1, A2=None, G2=None, *, out=None, allow_tf32
     check_launchable(_factored_dense_kernel, "factored_dense_gram")
     block_m = dot_block(n1, largest=64)
     block_n = block_m if symmetric else dot_block(n2, largest=64)
-    if symmetric:
-        pairs = upper_tile_pairs(triton.cdiv(n1, block_m), A1.device)
-        programs = pairs.shape[0]
-    else:
-        pairs = buffer  # unused by the cross kernel; any pointer will do
-        programs = triton.cdiv(n1, block_m) * triton.cdiv(n2, block_n)
+    pairs, programs = tile_grid(n1, n2, block_m, block_n, symmetric, A1.device, buffer)
     _factored_dense_kernel[(programs,)](
         A1, G1, A2_, G2_, buffer, pairs, n1, n2, d_in, c, d_out,
         A1.stride(0), A1.stride(1), G1.stride(0), G1.stride(1), G1.stride(2),
@@ -133,8 +111,4 @@ def factored_dense_gram(A1, G1, A2=None, G2=None, *, out=None, backend="auto", a
     chosen = pick_backend(chosen, backend, tensors, "factored_dense_gram")
     if chosen == "triton":
         return factored_dense_gram_triton(A1, G1, A2, G2, out=out, allow_tf32=allow_tf32)
-    K = factored_dense_gram_torch(A1, G1, A2, G2)
-    if out is None:
-        return K
-    out += K.to(out.dtype)
-    return out
+    return finish(out, factored_dense_gram_torch(A1, G1, A2, G2))

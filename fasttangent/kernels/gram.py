@@ -15,7 +15,7 @@ import torch
 
 from ..backends import resolve
 from ._triton import (check_launchable, dot_block, dot_precision, finish, jit, output_buffer, pick_backend, store_tile,
-                      tile_of_program, tl, triton, upcast_for_dot, upper_tile_pairs)
+                      tile_grid, tile_of_program, tl, triton, upcast_for_dot)
 
 
 def gram_torch(J1: torch.Tensor, J2: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,12 +96,7 @@ def gram_triton(J1: torch.Tensor, J2: torch.Tensor | None = None, *, out: torch.
         return finish(out, buffer.zero_() if not accumulate else buffer)
     check_launchable(_gram_kernel, "gram")
     block_m, block_n, block_k, num_warps = _launch_shape(n1, n2, p, J1.dtype, symmetric)
-    if symmetric:
-        pairs = upper_tile_pairs(triton.cdiv(n1, block_m), J1.device)
-        programs = pairs.shape[0]
-    else:
-        pairs = buffer  # unused by the cross kernel; any pointer will do
-        programs = triton.cdiv(n1, block_m) * triton.cdiv(n2, block_n)
+    pairs, programs = tile_grid(n1, n2, block_m, block_n, symmetric, J1.device, buffer)
     split = split_k or _split_count(programs, p, block_k, J1.device)
     k_per_split = triton.cdiv(triton.cdiv(p, split), block_k) * block_k if p else block_k
     split = max(1, triton.cdiv(p, k_per_split))
@@ -151,8 +146,4 @@ def gram(J1: torch.Tensor, J2: torch.Tensor | None = None, *, out: torch.Tensor 
         return gram_cuda_dispatch(J1, J2, out)
     if chosen == "triton":
         return gram_triton(J1, J2, out=out, allow_tf32=allow_tf32)
-    K = gram_torch(J1, J2)
-    if out is None:
-        return K
-    out += K.to(out.dtype)
-    return out
+    return finish(out, gram_torch(J1, J2))
