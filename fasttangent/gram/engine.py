@@ -387,6 +387,71 @@ class GramEngine:
         """Batched (vmap) backward over outputs on GPUs, a loop on CPU (see ``_cotangents``)."""
         return self.batched_backward if self.batched_backward is not None else device.type != "cpu"
 
+    # -- one pass over all examples, terms contracted as the backward passes reach them --
+    def stream_gram(self, x: torch.Tensor, K: torch.Tensor, split: int | None = None) -> torch.Tensor:
+        """Add the Gram of the examples ``x`` into K, one output at a time, in a single pass.
+
+        One forward pass; then per selected output one backward pass, and each layer's
+        terms are built and contracted inside a hook on its recorded output, as soon as
+        the backward pass produces that output's cotangent. So every layer's cotangent
+        lives only while its terms are built, and no part of the backward pass is run
+        twice. The backward passes only go as far as the lowest recorded outputs
+        (``_sink_edges``). Modules called several times, with several outputs, or on the
+        generic rule get their terms after the pass (they need all their cotangents).
+
+        ``split=None``: K (n, n) is the symmetric Gram of x. Otherwise x = cat(x1, x2) with
+        x1 = x[:split], and K (split, n - split) is the cross Gram between them.
+        """
+        x = x.detach()
+        n = x.shape[0]
+        rec, f = self._record(x)
+        owners = list(self.owners)
+        handles, deferred = [], []
+        for index, module in enumerate(owners):
+            calls = rec.calls[module]
+            immediate = self.rule(module) is not generic_rule and len(calls) == 1 and len(calls[0].outputs) == 1
+            if not immediate:
+                deferred.append((index, module))
+            for call in calls:
+                call.check_inputs_unmodified(module)
+                call.cotangents = [None] * len(call.outputs)
+                for position, out in enumerate(call.outputs):
+                    hook = self._stream_hook(rec, index, module, call, position, immediate, K, split)
+                    handles.append(out.register_hook(hook))
+                call.release_outputs()
+        sinks = _sink_edges([edge for m in owners for call in rec.calls[m] for edge in call.edges])
+        try:
+            for number, k in enumerate(self.selected):
+                f_k = f[:, k]
+                torch.autograd.grad(f_k, sinks, grad_outputs=torch.ones_like(f_k), allow_unused=True,
+                                    retain_graph=number + 1 < self.c)
+                for index, module in deferred:
+                    self._contract_layer(rec, index, module, n, K, split)
+                    for call in rec.calls[module]:
+                        call.cotangents = [None] * len(call.cotangents)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return K
+
+    def _stream_hook(self, rec, index, module, call, position, immediate, K, split):
+        def on_cotangent(g):
+            call.cotangents[position] = g.detach().unsqueeze(1)  # (n, c = 1, ...)
+            if immediate:
+                self._contract_layer(rec, index, module, g.shape[0], K, split)
+                call.cotangents[position] = None
+            # returns None: the gradient flows on unchanged
+        return on_cotangent
+
+    def _contract_layer(self, rec, index: int, module, n: int, K, split) -> None:
+        """Build one owner's terms (c = 1) and add each into K before building the next."""
+        for key, term in self._terms(rec, index, module, n, 1):
+            if split is None:
+                self.contract({key: term}, None, K)
+            else:
+                self.contract({key: _rows(term, slice(0, split))}, {key: _rows(term, slice(split, None))}, K)
+            del term
+
     # -- a pair of blocks -----------------------------------------------------------
     def contract(self, feats1: dict, feats2: dict | None, K: torch.Tensor) -> torch.Tensor:
         """Add the Gram block between two feature sets into K (n1, n2[, c, c]);
@@ -425,6 +490,38 @@ class GramEngine:
                 kernels.factored_conv_gram(A1, G1, A2, G2, out=K, backend=self.backend)
             return
         K += factored_full_gram(A1, G1, A2, G2).to(K.dtype)
+
+
+def _rows(term, rows: slice):
+    """The examples ``rows`` of a term."""
+    if isinstance(term, PerExampleGrads):
+        return PerExampleGrads(term.grads[rows])
+    if isinstance(term, FactoredTerm):
+        return FactoredTerm(term.inputs[rows], term.cotangents[rows])
+    raise TypeError(f"a rule returned {type(term).__name__}; rules must return PerExampleGrads or FactoredTerm terms")
+
+
+def _sink_edges(edges: list) -> list:
+    """The recorded edges below which no other recorded edge lies in the autograd graph.
+
+    A backward pass asked for just these still computes the cotangent of every recorded
+    output on the way (their hooks fire), but returns only the sinks' cotangents instead
+    of holding all of them until it ends."""
+    recorded = {edge.node for edge in edges}
+    reaches = {}  # node -> whether a recorded node lies strictly below it
+    for edge in edges:
+        stack = [(edge.node, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in reaches:
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            if not expanded:
+                stack.append((node, True))
+                stack.extend((child, False) for child in children if child not in reaches)
+            else:
+                reaches[node] = any(child in recorded or reaches.get(child, False) for child in children)
+    return [edge for edge in edges if not reaches[edge.node]]
 
 
 def factored_full_gram(A1, G1, A2=None, G2=None) -> torch.Tensor:
@@ -509,8 +606,10 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     engine.selected, engine.full = output_selection(outputs, c_total)
     dtype = torch.promote_types(next(p for p in model.parameters() if p.requires_grad).dtype, torch.float32)
 
-    b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget,
-                                one_output_at_a_time=not engine.backward_is_batched(x1.device))
+    looped = not engine.backward_is_batched(x1.device)
+    if looped and not engine.full and _fits_one_pass(engine, n1, n2, symmetric, block_size, memory_budget):
+        return _one_pass_gram(engine, x1, x2, dtype, reduce)
+    b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget, one_output_at_a_time=looped)
     chunks = engine.output_chunks(chunk)
     engine.block = max(b1, b2)
     blocks1 = [slice(s, min(s + b1, n1)) for s in range(0, n1, b1)]
@@ -568,5 +667,32 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
             if symmetric and i != j:
                 K[s2, s1] = block.transpose(0, 1).transpose(2, 3) if engine.full else block.T
     if reduce == "mean" and not engine.full:
+        K /= engine.c
+    return K
+
+
+def _fits_one_pass(engine, n1: int, n2: int, symmetric: bool, block_size, memory_budget: int) -> bool:
+    """Whether all examples (x1, and x2 for a cross Gram) fit one block of one output."""
+    n_all = n1 if symmetric else n1 + n2
+    if block_size is not None and block_size < n_all:
+        return False
+    b, _, _ = plan_blocks(engine, n_all, n_all, True, None, memory_budget, one_output_at_a_time=True)
+    return b >= n_all
+
+
+def _one_pass_gram(engine, x1, x2, dtype, reduce: str) -> torch.Tensor:
+    """The Gram from a single pass over all examples (``GramEngine.stream_gram``): the way
+    when the backward passes run one output at a time (CPU) and every example fits one
+    block. A cross Gram streams x1 and x2 together and keeps the cross block of the terms."""
+    n1 = x1.shape[0]
+    symmetric = x2 is None
+    n2 = n1 if symmetric else x2.shape[0]
+    n_all = n1 if symmetric else n1 + n2
+    engine.block = n_all
+    engine.plan(n1, n2, 1)
+    K = torch.zeros((n1, n2), dtype=dtype, device=x1.device)
+    x = x1 if symmetric else torch.cat([x1, x2])
+    engine.stream_gram(x, K, split=None if symmetric else n1)
+    if reduce == "mean":
         K /= engine.c
     return K

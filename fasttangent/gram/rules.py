@@ -134,6 +134,13 @@ def _weight_terms(ctx: LayerContext, patches, groups: int):
     return [PerExampleGrads(J.transpose(1, 2).reshape(n, c, -1))]
 
 
+def _even_step(size: int, most: int) -> int:
+    """Piece length for splitting ``size`` items into the fewest pieces of at most ``most``
+    items, all of about the same length (no small remainder piece)."""
+    most = max(1, min(size, most))
+    return -(-size // -(-size // most))
+
+
 def _materialized_pieces(ctx: LayerContext, A, G):
     """Jᵢₖ = Gᵢₖᵀ Aᵢ (ungrouped weight) in pieces of output channels, each within
     ``ctx.term_bytes`` for the planned block: the Gram is the sum of the pieces' Grams,
@@ -142,7 +149,7 @@ def _materialized_pieces(ctx: LayerContext, A, G):
     n, c, d_out, T = G.shape
     d_in = A.shape[2]
     per_channel = (ctx.block or n) * c * d_in * A.element_size()
-    step = d_out if ctx.term_bytes is None else max(1, min(d_out, ctx.term_bytes // per_channel))
+    step = d_out if ctx.term_bytes is None else _even_step(d_out, ctx.term_bytes // per_channel)
     if step >= d_out:
         return [PerExampleGrads(torch.bmm(G.reshape(n, c * d_out, T), A).reshape(n, c, -1))]
     return (PerExampleGrads(torch.bmm(G[:, :, s:s + step].reshape(n, -1, T), A).reshape(n, c, -1))
@@ -189,9 +196,11 @@ def _conv_geometry(module):
     return None, module.padding
 
 
-def _windows(module, x):
-    """Input patches of a Conv1d / Conv2d as a strided view (n, H_out, W_out, C_in, kh, kw)
-    of the (padded) input, matching the module's own padding."""
+def _windows(module, x, channels_last: bool = False):
+    """Input patches of a Conv1d / Conv2d as a strided view of the (padded) input, matching
+    the module's own padding: (n, H_out, W_out, C_in, kh, kw), or with ``channels_last``
+    (n, H_out, W_out, kh, kw, C_in) over a channels-last copy of the input, where one
+    kernel row of a window is a single contiguous run of kw·C_in values (Conv1d: H = kh = 1)."""
     pre_pad, padding = _conv_geometry(module)
     if pre_pad is not None:
         x = F.pad(x, pre_pad[0], mode=pre_pad[1])
@@ -207,6 +216,10 @@ def _windows(module, x):
     (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
     H_out = (H - dh * (kh - 1) - 1) // sh + 1
     W_out = (W - dw * (kw - 1) - 1) // sw + 1
+    if channels_last:
+        x = x.permute(0, 2, 3, 1).contiguous()
+        s_n, s_h, s_w, s_c = x.stride()
+        return x.as_strided((n, H_out, W_out, kh, kw, C), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
     s_n, s_c, s_h, s_w = x.stride()
     return x.as_strided((n, H_out, W_out, C, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw),
                         x.storage_offset())
@@ -225,21 +238,89 @@ def _unfold(module, x):
 
 def _conv_materialized_in_pieces(ctx: LayerContext, x, g):
     """Materialized weight term of an ungrouped conv with one live call, never holding all
-    its patches: the weight is split along its input channels, and each piece's
-    Jᵢₖ[:, piece] = Gᵢₖᵀ Aᵢ[:, piece] comes from the patches of those channels alone (the
-    Gram is the sum of the pieces' Grams). Each piece's patches and J stay within
-    ``ctx.term_bytes`` for the planned block; the number of pieces depends on the planned
-    block, not on n, so that the term streams of two blocks stay aligned."""
-    windows = _windows(ctx.module, x)
-    n, H_out, W_out, C_in = windows.shape[:4]
+    its patches: per kernel row (and, for very wide layers, input-channel range), the
+    patches of that row are copied from a channels-last input (one contiguous run of
+    kw·C_in values per window row: several times faster to gather than the patches of
+    ``F.unfold``), and Jᵢₖ[:, piece] = Gᵢₖᵀ Aᵢ[:, piece] is built for ranges of output
+    channels. The Gram is the sum of the pieces' Grams. Each piece's patches and J stay
+    within ``ctx.term_bytes`` for the planned block; the pieces depend on the planned
+    block, not on n, so that the term streams of two blocks stay aligned.
+
+    x (n, C_in, *spatial_in), g (n, c, C_out, T)."""
+    windows = _windows(ctx.module, x, channels_last=True)
+    n, H_out, W_out, kh, kw, C_in = windows.shape
     positions, c, d_out = H_out * W_out, g.shape[1], g.shape[2]
-    k = math.prod(windows.shape[4:])
-    per_channel = (ctx.block or n) * k * x.element_size() * max(positions, c * d_out)
-    step = max(1, min(C_in, ctx.term_bytes // per_channel))
-    G = g.reshape(n, c * d_out, positions)
-    for start in range(0, C_in, step):
-        A = windows[:, :, :, start:start + step].reshape(n, positions, -1)
-        yield PerExampleGrads(torch.bmm(G, A).reshape(n, c, -1))
+    block, itemsize = ctx.block or n, x.element_size()
+    in_step = _even_step(C_in, ctx.term_bytes // (block * positions * kw * itemsize))
+    for row in range(kh):
+        for start in range(0, C_in, in_step):
+            A = windows[:, :, :, row, :, start:start + in_step].reshape(n, positions, -1)
+            out_step = _even_step(d_out, ctx.term_bytes // (block * c * A.shape[2] * itemsize))
+            for first in range(0, d_out, out_step):
+                G = g[:, :, first:first + out_step].reshape(n, -1, positions)
+                yield PerExampleGrads(torch.bmm(G, A).reshape(n, c, -1))
+
+
+# On CPU, oneDNN's weight-gradient convolution (grouped over the examples) beats unfolding
+# the patches and a batched matmul once a map has this many output positions (measured
+# on 2 cores: 16x16 maps 1.7-2.3x faster, 8x8 maps 2-4x slower); it also needs no patches.
+BACKWARD_WEIGHT_MIN_POSITIONS = 256
+
+
+def _conv_weight_by_backward(ctx: LayerContext, x, g):
+    """Per-example weight gradients of an ungrouped conv from weight-gradient convolutions
+    grouped over the examples: with the batch folded into channels, group i pairs
+    example i's input with its output cotangents (all c outputs as extra output
+    channels), so the weight gradient is (examples·c·C_out, C_in, *kernel) = Jᵢₖ.
+
+    Output channels are taken in pieces whose J stays within ``ctx.term_bytes`` for the
+    planned block; within a piece, examples are taken in runs whose unfolded inputs
+    (what oneDNN's weight-gradient convolution lays out internally) would stay within
+    half that bound. x (n, C_in, *spatial_in), g (n, c, C_out, *spatial_out)."""
+    module = ctx.module
+    pre_pad, padding = _conv_geometry(module)
+    if pre_pad is not None:
+        x = F.pad(x, pre_pad[0], mode=pre_pad[1])
+    dims = x.dim() - 2
+    if isinstance(padding, int):
+        padding = (padding,) * dims
+    n, C_in = x.shape[:2]
+    c, d_out, out_spatial = g.shape[1], g.shape[2], g.shape[3:]
+    kernel = tuple(module.kernel_size)
+    fan_in = C_in * math.prod(kernel)
+    itemsize = x.element_size()
+    limit = ctx.term_bytes
+    step = d_out if limit is None else _even_step(d_out, limit // ((ctx.block or n) * c * fan_in * itemsize))
+    # half the term's bound for the convolution's internal unfolded inputs: runs of 16+
+    # examples already run at the speed of one whole-block call (measured on 2 cores)
+    run = n if limit is None else _even_step(n, limit // (2 * math.prod(out_spatial) * fan_in * itemsize))
+    for start in range(0, d_out, step):
+        piece = g[:, :, start:start + step]
+        J = x.new_empty((n, c, piece.shape[2] * fan_in))
+        for first in range(0, n, run):
+            rows = slice(first, min(first + run, n))
+            m = rows.stop - rows.start
+            channels = m * c * piece.shape[2]
+            weight_shape = x.new_empty(1).expand(channels, C_in, *kernel)  # only its shape is read
+            J[rows] = torch.ops.aten.convolution_backward(
+                piece[rows].reshape(1, channels, *out_spatial), x[rows].reshape(1, m * C_in, *x.shape[2:]),
+                weight_shape, None, list(module.stride), list(padding), list(module.dilation), False,
+                [0] * dims, m, (False, True, False))[1].reshape(m, c, -1)
+        yield PerExampleGrads(J)
+
+
+def _conv_weight_terms(ctx: LayerContext, x, g):
+    """Materialized weight term of an ungrouped conv with one live call, g (n, c, C_out, *spatial).
+
+    On CPU, for large maps, weight-gradient convolutions (``_conv_weight_by_backward``);
+    otherwise patches gathered piece by piece and batched matmuls
+    (``_conv_materialized_in_pieces``). The choice depends only on the layer and the
+    device (never on the block's n), so that the term streams of two blocks stay aligned.
+    """
+    positions = math.prod(g.shape[3:])
+    if x.device.type == "cpu" and positions >= BACKWARD_WEIGHT_MIN_POSITIONS:
+        return _conv_weight_by_backward(ctx, x, g)
+    return _conv_materialized_in_pieces(ctx, x, g.reshape(*g.shape[:3], positions))
 
 
 def _conv_patches(ctx: LayerContext):
@@ -258,10 +339,9 @@ def conv_rule(ctx: LayerContext):
     live = _live_calls(ctx)
     if (ctx.form != FACTORED and ctx.module.groups == 1 and len(live) == 1 and ctx.term_bytes is not None
             and "weight" in ctx.params):
-        x, g = live[0].inputs[0], live[0].cotangents[0]
-        g = g.reshape(*g.shape[:3], -1)
-        bias = [PerExampleGrads(g.sum(dim=3))] if "bias" in ctx.params else []
-        return itertools.chain(bias, _conv_materialized_in_pieces(ctx, x, g))
+        g = live[0].cotangents[0]
+        bias = [PerExampleGrads(g.reshape(*g.shape[:3], -1).sum(dim=3))] if "bias" in ctx.params else []
+        return itertools.chain(bias, _conv_weight_terms(ctx, live[0].inputs[0], g))
     patches = _conv_patches(ctx)
     bias = _bias_term(patches) if "bias" in ctx.params else []
     weight = _weight_terms(ctx, patches, groups=ctx.module.groups) if "weight" in ctx.params else []
