@@ -4,18 +4,19 @@
     python bench/ntk_gram.py --gpu [--out ntk_gram.md]     # CUDA: CIFAR ResNet18
     python bench/ntk_gram.py --gpu --dry-run               # the GPU code path, tiny, on CPU
 
-CPU mode (the default). Every (model, method) runs in a fresh subprocess with
+CPU mode (the default). Every (model, method) runs in two fresh subprocesses with
 torch.set_num_threads(2), all in this one invocation, which writes the whole table:
 - every worker imports the same libraries (torch.func, fasttangent with its kernels and
   triton, nngeometry when installed) and runs its method once on 2 examples (loading
   lazily initialized code), so that imports and one-off costs are alike for all methods;
-- time: median of ``--repeats`` timed runs for fasttangent, one timed run for the
-  baselines (they take minutes);
-- peak memory: the kernel's peak resident set size (VmHWM, reset through
-  /proc/self/clear_refs just before the timed runs) during the first timed run, minus the
-  resident size at the reset.
-  Every worker runs with MALLOC_MMAP_THRESHOLD_=1 MiB, so that glibc returns freed large
-  buffers at once and the resident size follows the live tensors;
+- time (the first process): median of ``--repeats`` timed runs for fasttangent, one timed
+  run for the baselines (they take minutes), under the default allocator settings;
+- peak memory (the second process): the kernel's peak resident set size (VmHWM, reset
+  through /proc/self/clear_refs just before the run) during one run, minus the resident
+  size at the reset. This process runs with MALLOC_MMAP_THRESHOLD_=1 MiB, so that glibc
+  returns freed large buffers at once and the resident size follows the live tensors;
+  since that makes every large allocation fault in fresh pages (slowing every method,
+  by up to 2x), it is not timed;
 - time cap: a timed run still going after ``--cap-seconds`` is stopped and reported as
   "> cap"; the method is then timed at a small n and that time is scaled linearly in n to
   the full n, labelled as an extrapolation (a lower estimate when the cost grows faster);
@@ -59,7 +60,7 @@ MODEL_LABELS = {"mlp": "MLP 3072→512→512→10", "cnn": "CNN 32-64-128 conv3�
 METHOD_NAMES = ("fasttangent", "torch.func", "nngeometry")
 WARMUP_EXAMPLES = 2
 SMALL_N = {"mlp": 16, "cnn": 4}  # sizes for the extrapolation of a capped baseline
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "2"}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # memory workers only
 
 
 def build(model_name: str, n: int):
@@ -161,7 +162,10 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def worker(method: str, model_name: str, n: int, repeats: int, out_path: str, marker: str) -> None:
+def worker(method: str, model_name: str, n: int, repeats: int, out_path: str, marker: str, mode: str) -> None:
+    """One method on one model, in its own process: ``mode="time"`` times ``repeats`` runs
+    (under the default allocator, as users run) and saves the Gram; ``mode="memory"``
+    measures the peak resident memory of one run (under ``MALLOC_ENV``)."""
     torch.set_num_threads(2)
     for module in ("torch.func", "fasttangent", "fasttangent.kernels", "triton"):
         importlib.import_module(module)
@@ -174,31 +178,35 @@ def worker(method: str, model_name: str, n: int, repeats: int, out_path: str, ma
     rss_before = _status_kib("VmRSS")
     with open(marker, "w") as f:  # the parent's time cap counts from here
         f.write(str(time.time()))
-    times, peak = [], None
+    if mode == "memory":
+        run(model, x)
+        print(json.dumps({"peak_mib": (_status_kib("VmHWM") - rss_before) / 1024}))
+        return
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         K = run(model, x)
         times.append(time.perf_counter() - start)
-        # the first full-size run alone, as for the baselines (which run once): later runs in
-        # the same process can read higher where the allocator keeps freed memory resident
-        peak = _status_kib("VmHWM") if peak is None else peak
     torch.save(K, out_path)
-    print(json.dumps({"time_s": statistics.median(times), "times_s": times, "peak_mib": (peak - rss_before) / 1024}))
+    print(json.dumps({"time_s": statistics.median(times), "times_s": times}))
 
 
-def run_worker(method: str, model_name: str, n: int, repeats: int, cap: float, tmp: str):
-    """{"time_s", "peak_mib", "K"} of one subprocess, or {"capped": True} after ``cap`` seconds."""
-    tag = f"{model_name}-{method}-{n}"
+def run_worker(method: str, model_name: str, n: int, repeats: int, cap: float, tmp: str, mode: str = "time"):
+    """The JSON result of one worker subprocess ({"time_s", "K"} or {"peak_mib"}), or
+    {"capped": True} after ``cap`` seconds a run."""
+    tag = f"{model_name}-{method}-{n}-{mode}"
     out_path, marker = os.path.join(tmp, tag + ".pt"), os.path.join(tmp, tag + ".started")
+    runs = repeats if mode == "time" else 1
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(MALLOC_ENV if mode == "memory" else {})}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", method, model_name, str(n),
-                             str(repeats), out_path, marker], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **MALLOC_ENV})
+                             str(repeats), out_path, marker, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     started = None
     while proc.poll() is None:
         time.sleep(0.5)
         if started is None and os.path.exists(marker):
             started = time.time()
-        if started is not None and time.time() - started > cap * repeats:
+        if started is not None and time.time() - started > cap * runs:
             proc.kill()
             proc.communicate()
             return {"capped": True}
@@ -206,7 +214,8 @@ def run_worker(method: str, model_name: str, n: int, repeats: int, cap: float, t
     if proc.returncode != 0:
         raise RuntimeError(f"{tag} failed:\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["K"] = torch.load(out_path)
+    if mode == "time":
+        result["K"] = torch.load(out_path)
     return result
 
 
@@ -222,6 +231,9 @@ def cpu_benchmark(args) -> None:
             for method in methods:
                 repeats = args.repeats if method == "fasttangent" else 1
                 res = run_worker(method, model_name, n, repeats, args.cap_seconds, tmp)
+                if not res.get("capped"):
+                    memory = run_worker(method, model_name, n, repeats, args.cap_seconds, tmp, mode="memory")
+                    res["peak_mib"] = None if memory.get("capped") else memory["peak_mib"]
                 if res.get("capped"):
                     small = SMALL_N[model_name]
                     probe = run_worker(method, model_name, small, 1, args.cap_seconds, tmp)
@@ -229,10 +241,14 @@ def cpu_benchmark(args) -> None:
                     res["small_time_s"] = None if probe.get("capped") else probe["time_s"]
                 results[method] = res
                 shown = (f"> {args.cap_seconds:.0f} s (capped)" if res.get("capped")
-                         else f"{res['time_s']:.3f} s, peak {res['peak_mib']:.0f} MiB")
+                         else f"{res['time_s']:.3f} s, peak {_fmt_mib(res['peak_mib'])} MiB")
                 print(f"{model_name:4s} n={n} {method:12s} {shown}  [{time.time() - started:.0f} s]", flush=True)
             rows.append((model_name, n, results))
     write_cpu_table(rows, args, skipped, time.time() - started)
+
+
+def _fmt_mib(peak) -> str:
+    return "–" if peak is None else f"{peak:.0f}"
 
 
 def _fmt_time(t: float) -> str:
@@ -245,14 +261,16 @@ def write_cpu_table(rows, args, skipped, wall_s: float) -> None:
         "",
         f"`bench/ntk_gram.py --cap-seconds {args.cap_seconds:.0f} --repeats {args.repeats}` (`make bench`): "
         f"one invocation measured every row below ({wall_s / 60:.1f} min). torch {torch.__version__}, "
-        "torch.set_num_threads(2), outputs=\"trace\" (c = 10), float32. Each (model, method) ran in a fresh "
-        "subprocess that imported the same libraries (torch.func, fasttangent + triton, nngeometry) and ran "
-        f"its method once on {WARMUP_EXAMPLES} examples before the timed runs.",
+        "torch.set_num_threads(2), outputs=\"trace\" (c = 10), float32. Each (model, method) ran in two fresh "
+        "subprocesses, one for time and one for memory; each imported the same libraries (torch.func, "
+        f"fasttangent + triton, nngeometry) and ran its method once on {WARMUP_EXAMPLES} examples first.",
         "",
-        f"- time: median of {args.repeats} runs for fasttangent, 1 run for the baselines;",
-        "- peak MiB: peak resident set size during the first timed run (VmHWM, reset through "
-        "/proc/self/clear_refs) minus the resident size just before them, with glibc's "
-        "MALLOC_MMAP_THRESHOLD_=1 MiB in every worker so that freed tensors leave the resident set;",
+        f"- time: median of {args.repeats} runs for fasttangent, 1 run for the baselines, under the default "
+        "allocator settings;",
+        "- peak MiB: in the memory process, the peak resident set size during one run (VmHWM, reset through "
+        "/proc/self/clear_refs) minus the resident size just before it, with glibc's "
+        "MALLOC_MMAP_THRESHOLD_=1 MiB so that freed tensors leave the resident set (this setting turns "
+        "every large allocation into fresh pages, which slows all methods, so no time is taken there);",
         "- speed-up: method time / fasttangent time; rel. err.: ‖K_ft − K_method‖_F / ‖K_method‖_F;",
         f"- a baseline still running after {args.cap_seconds:.0f} s is stopped (\"> cap\"); its time at a small "
         "n, scaled linearly to the full n, is given as an extrapolation (labelled as such).",
@@ -279,7 +297,7 @@ def write_cpu_table(rows, args, skipped, wall_s: float) -> None:
             speed = "–" if ours is None else f"{res['time_s'] / ours['time_s']:.1f}×"
             err = "–" if ours is None or method == "fasttangent" else f"{relative_error(ours['K'], res['K']):.1e}"
             lines.append(f"| {MODEL_LABELS[model_name]} | {n} | {label} | {_fmt_time(res['time_s'])} | "
-                         f"{res['peak_mib']:.0f} | {speed} | {err} |")
+                         f"{_fmt_mib(res['peak_mib'])} | {speed} | {err} |")
         if ours is not None:
             verdicts.append(_verdict(model_name, ours, results, args))
     if skipped:
@@ -411,12 +429,12 @@ def main() -> None:
                         help="markdown table path (default: bench/RESULTS.md on CPU, none with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="CUDA benchmark on the CIFAR ResNet18")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same code on the CPU, n = 2 and 1")
-    parser.add_argument("--worker", nargs=6, metavar=("METHOD", "MODEL", "N", "REPEATS", "OUT", "MARKER"),
+    parser.add_argument("--worker", nargs=7, metavar=("METHOD", "MODEL", "N", "REPEATS", "OUT", "MARKER", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        method, model_name, n, repeats, out_path, marker = args.worker
-        worker(method, model_name, int(n), int(repeats), out_path, marker)
+        method, model_name, n, repeats, out_path, marker, mode = args.worker
+        worker(method, model_name, int(n), int(repeats), out_path, marker, mode)
         return
     if args.cap_seconds is None:
         args.cap_seconds = GPU_CAP_SECONDS if args.gpu else CPU_CAP_SECONDS

@@ -367,3 +367,95 @@ def test_gram_carries_no_autograd_history():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     K = ft.ntk_gram(model, torch.randn(3, 4))
     assert not K.requires_grad and K.grad_fn is None
+
+
+# ------------------------------------------------------------------------------------
+# The one-pass path (CPU: one backward pass per output, terms built in hooks) and the
+# ways of building an ungrouped convolution's per-example weight gradients.
+
+class CountBackward(torch.autograd.Function):
+    """Identity that counts the backward passes running through it."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        CountBackward.calls += 1
+        return g
+
+
+class CountingHead(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return CountBackward.apply(self.body(x))
+
+
+def _ungrouped_geometry_cnn():
+    """Ungrouped convolutions in every geometry the weight-gradient paths must reproduce."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv2d(3, 4, 3, dilation=2, padding=2, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(4, 3, (2, 3), padding="same", padding_mode="replicate", bias=False), nn.Tanh(),
+        nn.Flatten(2), nn.Conv1d(3, 2, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.Flatten(), nn.LazyLinear(3)), (2, 9, 8)
+
+
+@pytest.mark.parametrize("way", ["weight_gradient_convolution", "patch_row_pieces"])
+@pytest.mark.parametrize("name", ["cnn2d", "cnn1d", "ungrouped_geometry"])
+def test_conv_weight_gradient_ways_match_reference(monkeypatch, name, way):
+    """Both ways of building ungrouped conv weight gradients (chosen by map size on CPU),
+    forced on every layer, with the default budget and with a tiny one (many output-channel,
+    input-channel and example pieces)."""
+    from fasttangent.gram import rules
+    monkeypatch.setattr(rules, "BACKWARD_WEIGHT_MIN_POSITIONS", 1 if way == "weight_gradient_convolution" else 10**9)
+    torch.manual_seed(5)
+    if name == "ungrouped_geometry":
+        model, shape = _ungrouped_geometry_cnn()
+        x1, x2 = torch.randn(5, *shape), torch.randn(3, *shape)
+        model(x1)
+        model.eval()
+        ref_cross, ref_self = reference_full(model, x1, x2), reference_full(model, x1, x1)
+    else:
+        model, x1, x2, ref_cross, ref_self = case(name)
+    for budget in (None, 6_000):
+        for outputs in ("trace", 2):
+            K = ft.ntk_gram(model, x1, x2, outputs=outputs, conv_form="materialized", memory_budget=budget)
+            assert rel_error(K, select(ref_cross, outputs)) < TOLERANCE[torch.float32]
+            K = ft.ntk_gram(model, x1, outputs=outputs, conv_form="materialized", memory_budget=budget)
+            assert rel_error(K, select(ref_self, outputs)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("outputs,passes", [("trace", 3), (1, 1)])
+def test_one_pass_runs_one_backward_pass_per_output(outputs, passes):
+    """On CPU with every example in one block, the upper layers are differentiated once
+    per output (not once per group of layers), for self and cross Grams alike."""
+    model, x1, x2, ref_cross, ref_self = case("cnn2d")
+    counted = CountingHead(model)
+    for x_other, ref in ((None, ref_self), (x2, ref_cross)):
+        CountBackward.calls = 0
+        K = ft.ntk_gram(counted, x1, x_other, outputs=outputs)
+        assert CountBackward.calls == passes
+        assert rel_error(K, select(ref, outputs)) < TOLERANCE[torch.float32]
+
+
+def test_sink_edges_are_the_lowest_recorded_outputs():
+    from torch.autograd.graph import get_gradient_edge
+
+    from fasttangent.gram.engine import _sink_edges
+    torch.manual_seed(0)
+    a, b, c, d = (nn.Linear(3, 3) for _ in range(4))
+    x = torch.randn(2, 3)
+    h_a = a(x)
+    h_b, h_c = b(h_a.tanh()), c(h_a.tanh())  # two branches above a
+    h_d = d(h_b + h_c)
+    chain = [get_gradient_edge(t) for t in (h_d, h_b, h_c, h_a)]
+    assert _sink_edges(chain) == [chain[3]]
+    branches = [get_gradient_edge(t) for t in (h_d, h_b, h_c)]
+    assert _sink_edges(branches) == branches[1:]

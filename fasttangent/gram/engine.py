@@ -20,6 +20,12 @@ called (a parent uses ``child.weight`` directly, as ``nn.MultiheadAttention`` do
 nearest module that is called and contains all its users; that module gets the
 generic torch.func rule for it.
 
+One pass (CPU). Where the backward passes run one output at a time anyway (CPU) and all
+examples fit one block (x1 and x2 together for a cross Gram), ``GramEngine.stream_gram``
+replaces steps 2-3: per output, one backward pass, and each layer's terms are built and
+contracted inside a hook on its recorded output as soon as the pass reaches it. No part
+of the backward pass runs twice and each cotangent lives only while its terms are built.
+
 Memory. Everything scales with the block size b: the forward graph, the cotangents of
 every recorded output, unfolded patches and materialized per-example gradients (c·p per
 example for such layers). ``block_size=None`` takes the largest b whose estimate for two
@@ -51,7 +57,7 @@ from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, ru
 
 CPU_MEMORY_BUDGET = 256 << 20
 CPU_CHUNK_FRACTION = 16  # on CPU, the cotangents of one output chunk take at most budget / 16
-TERM_FRACTION = 32  # one materialized term of a block takes at most budget / TERM_FRACTION bytes
+TERM_FRACTION = 16  # one materialized term of a block takes at most budget / TERM_FRACTION bytes
 
 
 def default_memory_budget(device: torch.device) -> int:
