@@ -207,6 +207,7 @@ class GramEngine:
         self.cache_inputs = True  # keep unfolded patches across output chunks (set by plan_blocks)
         self.input_bytes_per_example = 0.0
         self.block = None  # planned examples per block (set by compute_gram)
+        self.input_grams = {}  # dense layers' input Grams, kept across the outputs of one pass
 
     @property
     def c(self) -> int:
@@ -413,6 +414,7 @@ class GramEngine:
         rec, f = self._record(x)
         owners = list(self.owners)
         handles, deferred = [], []
+        self.input_grams = {}
         for index, module in enumerate(owners):
             calls = rec.calls[module]
             immediate = self.rule(module) is not generic_rule and len(calls) == 1 and len(calls[0].outputs) == 1
@@ -438,6 +440,7 @@ class GramEngine:
         finally:
             for handle in handles:
                 handle.remove()
+            self.input_grams = {}
         return K
 
     def _stream_hook(self, rec, index, module, call, position, immediate, K, split):
@@ -452,11 +455,28 @@ class GramEngine:
     def _contract_layer(self, rec, index: int, module, n: int, K, split) -> None:
         """Build one owner's terms (c = 1) and add each into K before building the next."""
         for key, term in self._terms(rec, index, module, n, 1):
-            if split is None:
+            if isinstance(term, FactoredTerm) and term.inputs.shape[1] == 1:
+                self._add_dense_factored(key, term, K, split)
+            elif split is None:
                 self.contract({key: term}, None, K)
             else:
                 self.contract({key: _rows(term, slice(0, split))}, {key: _rows(term, slice(split, None))}, K)
             del term
+
+    def _add_dense_factored(self, key, term: FactoredTerm, K, split) -> None:
+        """K += (A₁A₂ᵀ) ∘ (g₁g₂ᵀ) for a dense weight (one position, one output). The input
+        Gram A₁A₂ᵀ is the same for every output, so it is computed on the first output and
+        kept (``self.input_grams``) while the kept ones take at most one term's bytes."""
+        A, G = term.inputs[:, 0], term.cotangents[:, 0, 0]
+        A1, A2 = (A, A) if split is None else (A[:split], A[split:])
+        G1, G2 = (G, G) if split is None else (G[:split], G[split:])
+        AA = self.input_grams.get(key)
+        if AA is None:
+            AA = A1.to(K.dtype) @ A2.to(K.dtype).T
+            kept = sum(t.numel() * t.element_size() for t in self.input_grams.values())
+            if kept + AA.numel() * AA.element_size() <= self.budget // TERM_FRACTION:
+                self.input_grams[key] = AA
+        K += AA * (G1.to(K.dtype) @ G2.to(K.dtype).T)
 
     # -- a pair of blocks -----------------------------------------------------------
     def contract(self, feats1: dict, feats2: dict | None, K: torch.Tensor) -> torch.Tensor:
