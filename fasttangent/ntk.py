@@ -43,7 +43,8 @@ def ntk_gram(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
         memory_budget: bytes for the block and output-chunk estimate, the factored
             layers' temporaries and the pieces in which large terms are streamed (see
             ``fasttangent.gram.engine``); None: a quarter of the free GPU memory on CUDA,
-            256 MiB on CPU (``fasttangent.gram.engine.default_memory_budget``).
+            a quarter of the available host memory on CPU
+            (``fasttangent.gram.engine.default_memory_budget``).
         conv_form: "auto" (cost model, ``fasttangent.gram.cost``), "factored" or
             "materialized": how convolution / sequence-Linear weight terms are computed.
 

@@ -20,34 +20,39 @@ called (a parent uses ``child.weight`` directly, as ``nn.MultiheadAttention`` do
 nearest module that is called and contains all its users; that module gets the
 generic torch.func rule for it.
 
-One pass (CPU). Where the backward passes run one output at a time anyway (CPU) and all
-examples fit one block (x1 and x2 together for a cross Gram), ``GramEngine.stream_gram``
-replaces steps 2-3: per output, one backward pass, and each layer's terms are built and
-contracted inside a hook on its recorded output as soon as the pass reaches it. No part
-of the backward pass runs twice and each cotangent lives only while its terms are built.
+One pass (CPU). Where the backward passes run one output at a time anyway (CPU) and the
+Gram is not "full", ``GramEngine.stream_gram`` replaces steps 2-3: per output, one backward
+pass, and each layer's terms are built and contracted inside a hook on its recorded
+output as soon as the pass reaches it. No part of the backward pass runs twice and each
+cotangent lives only while its terms are built. One pass covers all examples (x1 and x2
+together for a cross Gram) when its estimated peak (``GramEngine.one_pass_bytes``: what
+autograd saves, measured by hooks on the probe's forward pass, plus cotangents and terms
+in flight) fits the budget; otherwise examples go in blocks of b, one pass per diagonal
+block and one pass over two blocks together per off-diagonal block (``_one_pass_blocks``).
 
-Memory. Everything scales with the block size b: the forward graph, the cotangents of
-every recorded output, unfolded patches and materialized per-example gradients (c·p per
-example for such layers). ``block_size=None`` takes the largest b whose estimate for two
-blocks (a pair) fits ``memory_budget`` (bytes; default ``default_memory_budget``), and the
-outputs are processed in chunks (on CPU, whose backward passes run one output at a time,
-one output per chunk; elsewhere all c at once when they fit; "full" always all at once);
-the cost model (``cost.py``) keeps each factored layer's pair temporaries within the same
-budget. Within a block, terms are streamed: after the forward pass the recorded outputs
-are dropped (only their autograd edges are kept), each layer's cotangents are freed once
-its terms are built, and each term is contracted before the next is built; a
-materialized convolution weight is built in input-channel pieces of at most
-budget / ``TERM_FRACTION`` bytes. Features of all blocks are kept when they fit the
-budget, otherwise recomputed for each block pair. A symmetric Gram computes block pairs
-b₁ ≤ b₂ only and mirrors them.
+Memory (blocks of the other paths). Everything scales with the block size b: the forward
+graph, the cotangents of every recorded output, unfolded patches and materialized
+per-example gradients (c·p per example for such layers). ``block_size=None`` takes the
+largest b whose estimate for two blocks (a pair) fits ``memory_budget`` (bytes; default
+``default_memory_budget``), and the outputs are processed in chunks (all c at once when
+they fit; "full" always all at once); the cost model (``cost.py``) keeps each factored
+layer's pair temporaries within the same budget. Within a block, terms are streamed:
+after the forward pass the recorded outputs are dropped (only their autograd edges are
+kept), each layer's cotangents are freed once its terms are built, and each term is
+contracted before the next is built; a materialized weight is built in pieces of at most
+``term_bytes`` (budget / ``TERM_FRACTION``, at most 16 MiB on CPU). Features of all
+blocks are kept when they fit the budget, otherwise recomputed for each block pair. A
+symmetric Gram computes block pairs b₁ ≤ b₂ only and mirrors them.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import torch
 from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_flatten
 
 from .. import kernels
@@ -55,19 +60,44 @@ from .capture import Recorder
 from .cost import FORMS, choose_form
 from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, rule_for
 
-CPU_MEMORY_BUDGET = 256 << 20
+CPU_MEMORY_BUDGET = 256 << 20  # when the available host memory cannot be read
 CPU_CHUNK_FRACTION = 16  # on CPU, the cotangents of one output chunk take at most budget / 16
 TERM_FRACTION = 16  # one materialized term of a block takes at most budget / TERM_FRACTION bytes
+# On CPU, pieces larger than this run no faster (the matrix products already reach the sgemm
+# rate at 16 MiB operands, measured on 2 cores) but raise the peak, so terms are capped there.
+CPU_TERM_BYTES = 16 << 20
 
 
 def default_memory_budget(device: torch.device) -> int:
     """Bytes the engine plans for when the caller gives none: a quarter of the free memory
-    of a CUDA device; 256 MiB on CPU (the streamed terms and output chunks then take small
-    shares of it: see ``TERM_FRACTION`` and ``CPU_CHUNK_FRACTION``)."""
+    of the CUDA device, or of the available host memory on CPU (256 MiB where that cannot
+    be read). The streamed terms take small shares of it (``term_bytes``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
-    return CPU_MEMORY_BUDGET
+    available = _available_host_memory()
+    return CPU_MEMORY_BUDGET if available is None else available // 4
+
+
+def _available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def term_bytes(budget: int, device: torch.device) -> int:
+    """Bytes one streamed term (a piece of per-example gradients, patches) may take."""
+    share = budget // TERM_FRACTION
+    return min(share, CPU_TERM_BYTES) if device.type == "cpu" else share
 
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -198,6 +228,7 @@ class GramEngine:
         self.selected = selected
         self.backend = backend
         self.budget = memory_budget
+        self.term_bytes = memory_budget // TERM_FRACTION  # set for the device by compute_gram
         self.conv_form = conv_form
         self.owners = {}
         self.generic = set()
@@ -208,6 +239,7 @@ class GramEngine:
         self.input_bytes_per_example = 0.0
         self.block = None  # planned examples per block (set by compute_gram)
         self.input_grams = {}  # dense layers' input Grams, kept across the outputs of one pass
+        self.saved_bytes_per_example = 0  # what autograd saves in the forward pass (set by probe)
 
     @property
     def c(self) -> int:
@@ -223,15 +255,34 @@ class GramEngine:
         called = set()
         handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in self.model.modules()]
         candidates = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
+        state = {t.untyped_storage().data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        saved = {}
+
+        def count_saved(t):
+            if t.untyped_storage().data_ptr() not in state:  # parameters and buffers do not grow with n
+                saved[(t.data_ptr(), tuple(t.shape), tuple(t.stride()))] = t.numel() * t.element_size()
+            return t
+
         try:
-            with Recorder(candidates) as rec, torch.enable_grad():
+            with Recorder(candidates) as rec, torch.enable_grad(), saved_tensors_hooks(count_saved, lambda t: t):
                 out = self.model(x[:1].detach())
         finally:
             for h in handles:
                 h.remove()
         self.owners, self.generic = plan_ownership(self.model, called)
         self._probe_calls = rec.calls
+        self.saved_bytes_per_example = sum(saved.values())
         return as_matrix(out, 1).shape[1]
+
+    def one_pass_bytes(self, n: int) -> float:
+        """Estimated peak bytes of ``stream_gram`` over n examples: the larger of the forward
+        pass (what autograd saves, measured on the probe, plus the recorded outputs) and the
+        backward passes (what autograd saves, the two largest layer-output cotangents in
+        flight, and two terms)."""
+        outputs = [_tensor_bytes(call.outputs) for calls in self._probe_calls.values() for call in calls]
+        forward = n * (self.saved_bytes_per_example + sum(outputs))
+        backward = n * (self.saved_bytes_per_example + 2 * max(outputs, default=0)) + 2 * self.term_bytes
+        return max(forward, backward)
 
     def plan(self, n1: int, n2: int, chunk: int) -> tuple:
         """Choose each positions layer's form for blocks (n1, n2) and ``chunk`` outputs at a
@@ -318,7 +369,7 @@ class GramEngine:
         budget / ``TERM_FRACTION`` bytes together (a larger owner forms its own group). One
         backward pass per group and output: more groups re-run the upper part of the
         backward pass, fewer hold more cotangents at once."""
-        share = self.budget // TERM_FRACTION
+        share = self.term_bytes
         groups, size = [[]], 0
         for module in self.owners:
             calls = self._probe_calls.get(module, [])
@@ -349,7 +400,7 @@ class GramEngine:
         """Yield ((owner index, term index), term) of one owner, building each term only when
         the previous one has been contracted (rules may return generators)."""
         ctx = LayerContext(module=module, calls=rec.calls[module], params=self.owners[module], n=n, c=c,
-                           form=self.forms.get(module), block=self.block, term_bytes=self.budget // TERM_FRACTION)
+                           form=self.forms.get(module), block=self.block, term_bytes=self.term_bytes)
         rule = self.rule(module)
         mode = torch.enable_grad if rule is generic_rule else torch.no_grad
         with mode():
@@ -474,7 +525,7 @@ class GramEngine:
         if AA is None:
             AA = A1.to(K.dtype) @ A2.to(K.dtype).T
             kept = sum(t.numel() * t.element_size() for t in self.input_grams.values())
-            if kept + AA.numel() * AA.element_size() <= self.budget // TERM_FRACTION:
+            if kept + AA.numel() * AA.element_size() <= self.term_bytes:
                 self.input_grams[key] = AA
         K += AA * (G1.to(K.dtype) @ G2.to(K.dtype).T)
 
@@ -628,13 +679,15 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     n2 = n1 if symmetric else x2.shape[0]
     engine = GramEngine(model, full=False, selected=[0], backend=backend, memory_budget=memory_budget,
                         conv_form=conv_form)
+    engine.term_bytes = term_bytes(memory_budget, x1.device)
     c_total = engine.probe(x1)
     engine.selected, engine.full = output_selection(outputs, c_total)
     dtype = torch.promote_types(next(p for p in model.parameters() if p.requires_grad).dtype, torch.float32)
 
     looped = not engine.backward_is_batched(x1.device)
-    if looped and not engine.full and _fits_one_pass(engine, n1, n2, symmetric, block_size, memory_budget):
-        return _one_pass_gram(engine, x1, x2, dtype, reduce)
+    if looped and not engine.full:
+        K = _one_pass_blocks(engine, x1, x2, dtype, block_size, memory_budget)
+        return K / engine.c if reduce == "mean" else K
     b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget, one_output_at_a_time=looped)
     chunks = engine.output_chunks(chunk)
     engine.block = max(b1, b2)
@@ -697,28 +750,42 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     return K
 
 
-def _fits_one_pass(engine, n1: int, n2: int, symmetric: bool, block_size, memory_budget: int) -> bool:
-    """Whether all examples (x1, and x2 for a cross Gram) fit one block of one output."""
-    n_all = n1 if symmetric else n1 + n2
-    if block_size is not None and block_size < n_all:
-        return False
-    b, _, _ = plan_blocks(engine, n_all, n_all, True, None, memory_budget, one_output_at_a_time=True)
-    return b >= n_all
-
-
-def _one_pass_gram(engine, x1, x2, dtype, reduce: str) -> torch.Tensor:
-    """The Gram from a single pass over all examples (``GramEngine.stream_gram``): the way
-    when the backward passes run one output at a time (CPU) and every example fits one
-    block. A cross Gram streams x1 and x2 together and keeps the cross block of the terms."""
-    n1 = x1.shape[0]
+def _one_pass_blocks(engine, x1, x2, dtype, block_size, memory_budget: int) -> torch.Tensor:
+    """The Gram from passes of ``GramEngine.stream_gram`` (CPU, where the backward passes run
+    one output at a time): a single pass over all examples (x1 and x2 together for a cross
+    Gram) when its estimated peak (``one_pass_bytes``) fits the budget; otherwise blocks of
+    b examples, with one pass per diagonal block of a symmetric Gram and one pass over two
+    blocks together (split) per off-diagonal block, b the largest block size (halving) for
+    which a pass over 2b examples fits."""
     symmetric = x2 is None
+    n1 = x1.shape[0]
     n2 = n1 if symmetric else x2.shape[0]
-    n_all = n1 if symmetric else n1 + n2
-    engine.block = n_all
-    engine.plan(n1, n2, 1)
+    if block_size is None:
+        b = n1 if symmetric else n1 + n2
+        if engine.one_pass_bytes(b) > memory_budget:
+            b = max(n1, n2)
+            while b > 1 and engine.one_pass_bytes(2 * b) > memory_budget:
+                b = max(1, b // 2)
+    else:
+        b = block_size
+    blocks1 = [slice(s, min(s + b, n1)) for s in range(0, n1, b)]
+    blocks2 = blocks1 if symmetric else [slice(s, min(s + b, n2)) for s in range(0, n2, b)]
+    engine.plan(min(b, n1), min(b, n2), 1)
     K = torch.zeros((n1, n2), dtype=dtype, device=x1.device)
-    x = x1 if symmetric else torch.cat([x1, x2])
-    engine.stream_gram(x, K, split=None if symmetric else n1)
-    if reduce == "mean":
-        K /= engine.c
+    x_other = x1 if symmetric else x2
+    for i, s1 in enumerate(blocks1):
+        for j, s2 in enumerate(blocks2):
+            if symmetric and j < i:
+                continue
+            size1 = s1.stop - s1.start
+            block = torch.zeros((size1, s2.stop - s2.start), dtype=dtype, device=x1.device)
+            if symmetric and i == j:
+                engine.block = size1
+                engine.stream_gram(x1[s1], block)
+            else:
+                engine.block = size1 + block.shape[1]
+                engine.stream_gram(torch.cat([x1[s1], x_other[s2]]), block, split=size1)
+            K[s1, s2] = block
+            if symmetric and i != j:
+                K[s2, s1] = block.T
     return K
