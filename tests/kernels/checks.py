@@ -5,7 +5,7 @@ import torch
 # cancelling sum). bfloat16 inputs are compared with the float64 products of the *same*
 # bfloat16 values, so both dtypes only see float32 accumulation error; float32 inputs
 # also see the float32 rounding of the result.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5, torch.float64: 1e-12}
 
 
 def assert_within(actual, expected, scale, dtype):

@@ -107,3 +107,18 @@ def test_public_dispatch(rng):
         gram(J1.double(), backend="triton")
     with pytest.raises(ValueError, match="shape"):
         gram(J1, J2, out=torch.zeros(3, 3), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float64])
+@pytest.mark.parametrize("n", [255, 300, 1030])
+def test_torch_symmetric_gram_in_row_bands(n, dtype, rng):
+    """The torch path's banded symmetric product (bands of n/4, at least 128 rows, ragged
+    last band) against float64, exactly symmetric, and accumulated into ``out``."""
+    from fasttangent.kernels.gram import symmetric_gram_torch
+    J = torch.randn(n, 40, generator=rng).to(dtype)
+    K = symmetric_gram_torch(J)
+    assert torch.equal(K, K.T)
+    assert_within(K, *_reference(J, None), dtype)
+    out = torch.ones(n, n, dtype=dtype)
+    gram(J, out=out, backend="torch")
+    assert_within(out - 1, *_reference(J, None), dtype)
