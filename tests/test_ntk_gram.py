@@ -459,3 +459,32 @@ def test_sink_edges_are_the_lowest_recorded_outputs():
     assert _sink_edges(chain) == [chain[3]]
     branches = [get_gradient_edge(t) for t in (h_d, h_b, h_c)]
     assert _sink_edges(branches) == branches[1:]
+
+
+@pytest.mark.parametrize("block_size", [2, None])
+def test_one_pass_blocks_cover_every_block_pair_once(monkeypatch, block_size):
+    """When one pass over all examples does not fit, a symmetric Gram takes one pass per
+    diagonal block and one per pair of blocks (B + B(B-1)/2), a cross Gram one per pair."""
+    model, x1, x2, ref_cross, ref_self = case("cnn2d")
+    sizes = []
+    stream = GramEngine.stream_gram
+
+    def counting(self, x, K, split=None):
+        sizes.append((x.shape[0], split))
+        return stream(self, x, K, split)
+
+    monkeypatch.setattr(GramEngine, "stream_gram", counting)
+    budget = None if block_size else 20_000  # None: block_size=2 decides; else the budget does
+    K = ft.ntk_gram(model, x1, block_size=block_size, memory_budget=budget)
+    assert rel_error(K, select(ref_self, "trace")) < TOLERANCE[torch.float32]
+    diagonal = [size for size, split in sizes if split is None]
+    pairs = [(split, size - split) for size, split in sizes if split is not None]
+    B = len(diagonal)
+    assert B > 1 and len(pairs) == B * (B - 1) // 2
+    # every entry of K computed exactly once: diagonal blocks plus mirrored off-diagonal ones
+    assert sum(d * d for d in diagonal) + 2 * sum(a * b for a, b in pairs) == x1.shape[0] ** 2
+    sizes.clear()
+    K = ft.ntk_gram(model, x1, x2, block_size=block_size, memory_budget=budget)
+    assert rel_error(K, select(ref_cross, "trace")) < TOLERANCE[torch.float32]
+    assert len(sizes) > 1 and all(split is not None for _, split in sizes)
+    assert sum(split * (size - split) for size, split in sizes) == x1.shape[0] * x2.shape[0]
