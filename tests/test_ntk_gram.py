@@ -345,11 +345,14 @@ def test_batched_and_looped_backward_agree_with_reference(monkeypatch, batched):
         assert rel_error(K, select(ref_self, outputs)) < 1e-5
 
 
-def test_works_under_no_grad_and_with_inputs_requiring_grad():
-    model, x1, x2, ref_cross, _ = case("shared_and_custom")
+@pytest.mark.parametrize("outputs", OUTPUT_MODES)
+def test_works_under_no_grad_and_with_inputs_requiring_grad(outputs):
+    model, x1, x2, ref_cross, ref_self = case("shared_and_custom")
     with torch.no_grad():
-        K = ft.ntk_gram(model, x1, x2.clone().requires_grad_(True), outputs="full")
-    assert rel_error(K, ref_cross) < TOLERANCE[torch.float32]
+        K = ft.ntk_gram(model, x1, x2.clone().requires_grad_(True), outputs=outputs)
+        K_self = ft.ntk_gram(model, x1, outputs=outputs)
+    assert rel_error(K, select(ref_cross, outputs)) < TOLERANCE[torch.float32]
+    assert rel_error(K_self, select(ref_self, outputs)) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("outputs", ["trace", 1])
@@ -488,3 +491,107 @@ def test_one_pass_blocks_cover_every_block_pair_once(monkeypatch, block_size):
     assert rel_error(K, select(ref_cross, "trace")) < TOLERANCE[torch.float32]
     assert len(sizes) > 1 and all(split is not None for _, split in sizes)
     assert sum(split * (size - split) for size, split in sizes) == x1.shape[0] * x2.shape[0]
+
+
+# ------------------------------------------------------------------------------------
+# Models that exercise the probe and the one-pass planning (found in review).
+
+class CosByGrad(nn.Module):
+    """Uses torch.func.grad in its forward (d/dz Σ sin z = cos z), which refuses saved-tensor hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.func.vmap(torch.func.grad(lambda z: torch.sin(z).sum()))(self.a(x)))
+
+
+class CosPlain(CosByGrad):
+    def forward(self, x):
+        return self.b(torch.cos(self.a(x)))
+
+
+def test_model_with_torch_func_in_its_forward():
+    torch.manual_seed(0)
+    model, x1, x2 = CosByGrad(), torch.randn(4, 3), torch.randn(3, 3)
+    plain = CosPlain()
+    plain.load_state_dict(model.state_dict())
+    for outputs in OUTPUT_MODES:
+        assert rel_error(ft.ntk_gram(model, x1, x2, outputs=outputs),
+                         select(reference_full(plain, x1, x2), outputs)) < TOLERANCE[torch.float32]
+
+
+class SparseProjection(nn.Module):
+    def __init__(self, dense: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        P = torch.randn(4, 6)
+        P[P.abs() < 0.7] = 0
+        self.register_buffer("P", P if dense else P.to_sparse())
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        product = self.P @ x.T if self.P.layout == torch.strided else torch.sparse.mm(self.P, x.T)
+        return self.lin(torch.tanh(product.T))
+
+
+def test_model_with_a_sparse_buffer():
+    model, dense = SparseProjection(), SparseProjection(dense=True)
+    x = torch.randn(5, 6)
+    assert rel_error(ft.ntk_gram(model, x), select(reference_full(dense, x, x), "trace")) < TOLERANCE[torch.float32]
+
+
+class AuxiliaryOnly(nn.Module):
+    """Trainable parameters only in a side branch that does not reach the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 2).requires_grad_(False)
+        self.aux = nn.Linear(3, 1)
+
+    def forward(self, x):
+        self.last_aux = self.aux(x)
+        return self.body(x)
+
+
+@pytest.mark.parametrize("outputs", OUTPUT_MODES)
+def test_output_that_no_trainable_parameter_reaches_has_zero_gram(outputs):
+    K = ft.ntk_gram(AuxiliaryOnly(), torch.randn(4, 3), outputs=outputs)
+    assert K.abs().max() == 0
+
+
+class DenseByHand(nn.Module):
+    """A generic-rule layer with many parameters: its per-example gradients dominate memory."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(d, d) / d**0.5)
+
+    def forward(self, x):
+        return x @ self.W
+
+
+def test_one_pass_plan_counts_generic_gradients_and_patches(monkeypatch):
+    """Memory the passes hold beyond autograd's saved tensors: a generic-rule layer's
+    per-example gradients (n × p) and unfolded patches are in the estimate, so a budget
+    they would overflow splits the examples into blocks (and the result stays exact)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DenseByHand(128), nn.Tanh(), nn.Linear(128, 2))
+    x = torch.randn(16, 128)
+    engine = GramEngine(model, full=False, selected=[0, 1], backend="auto", memory_budget=1 << 30, conv_form="auto")
+    engine.probe(x)
+    engine.plan(16, 16, 1)
+    assert engine.one_pass_bytes(16) >= 16 * 128 * 128 * 4
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    engine = GramEngine(conv, full=False, selected=[0], backend="auto", memory_budget=1 << 30, conv_form="factored")
+    engine.probe(torch.randn(2, 3, 8, 8))
+    engine.plan(10, 10, 1)
+    assert engine.one_pass_bytes(10) >= 10 * 64 * 27 * 4  # the factored conv's patches
+    passes = []
+    stream = GramEngine.stream_gram
+    monkeypatch.setattr(GramEngine, "stream_gram",
+                        lambda self, x, K, split=None: passes.append(x.shape[0]) or stream(self, x, K, split))
+    K = ft.ntk_gram(model, x, memory_budget=16 * 128 * 128 * 4)  # the gradients alone fill it
+    assert len(passes) > 1
+    assert rel_error(K, select(reference_full(model, x, x), "trace")) < TOLERANCE[torch.float32]

@@ -46,6 +46,7 @@ symmetric Gram computes block pairs b₁ ≤ b₂ only and mirrors them.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -80,18 +81,35 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def _available_host_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None if unknown."""
+    """Memory this process may still take: MemAvailable from /proc/meminfo (else free
+    physical pages), lowered to the cgroup's limit minus its usage inside a memory-limited
+    container; None if unknown."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            room = max(int(limit) - usage, 0)
+            available = room if available is None else min(available, room)
+        break
+    return available
 
 
 def term_bytes(budget: int, device: torch.device) -> int:
@@ -237,6 +255,7 @@ class GramEngine:
         self.clone_outputs = False  # set on the first forward that modifies a recorded output in place
         self.cache_inputs = True  # keep unfolded patches across output chunks (set by plan_blocks)
         self.input_bytes_per_example = 0.0
+        self.largest_patch_bytes_per_example = 0.0
         self.block = None  # planned examples per block (set by compute_gram)
         self.input_grams = {}  # dense layers' input Grams, kept across the outputs of one pass
         self.saved_bytes_per_example = 0  # what autograd saves in the forward pass (set by probe)
@@ -255,40 +274,79 @@ class GramEngine:
         called = set()
         handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in self.model.modules()]
         candidates = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
-        state = {t.untyped_storage().data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        state = {_storage_address(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
         saved = {}
 
         def count_saved(t):
-            if t.untyped_storage().data_ptr() not in state:  # parameters and buffers do not grow with n
+            if t.layout == torch.strided and _storage_address(t) not in state:  # state does not grow with n
                 saved[(t.data_ptr(), tuple(t.shape), tuple(t.stride()))] = t.numel() * t.element_size()
             return t
 
+        def forward(measure: bool):
+            hooks = saved_tensors_hooks(count_saved, lambda t: t) if measure else contextlib.nullcontext()
+            with Recorder(candidates) as rec, torch.enable_grad(), hooks:
+                return rec, self.model(x[:1].detach())
+
         try:
-            with Recorder(candidates) as rec, torch.enable_grad(), saved_tensors_hooks(count_saved, lambda t: t):
-                out = self.model(x[:1].detach())
+            try:
+                rec, out = forward(measure=True)
+                self.saved_bytes_per_example = sum(saved.values())
+            except RuntimeError:
+                # e.g. torch.func transforms inside the forward refuse saved-tensor hooks:
+                # fall back to an estimate from the recorded calls (see one_pass_bytes)
+                called.clear()
+                rec, out = forward(measure=False)
+                self.saved_bytes_per_example = None
         finally:
             for h in handles:
                 h.remove()
         self.owners, self.generic = plan_ownership(self.model, called)
         self._probe_calls = rec.calls
-        self.saved_bytes_per_example = sum(saved.values())
         return as_matrix(out, 1).shape[1]
 
     def one_pass_bytes(self, n: int) -> float:
-        """Estimated peak bytes of ``stream_gram`` over n examples: the larger of the forward
-        pass (what autograd saves, measured on the probe, plus the recorded outputs) and the
-        backward passes (what autograd saves, the two largest layer-output cotangents in
-        flight, and two terms)."""
+        """Estimated peak bytes of ``stream_gram`` over n examples (``plan`` must have run):
+        the larger of the forward pass (what autograd saves, measured on the probe, plus
+        the recorded outputs) and the backward passes: what autograd saves; the two largest
+        layer-output cotangents in flight; the cotangents of deferred owners (held until a
+        pass ends); the kept unfolded patches (or one layer's); the largest generic-rule
+        term (per-example gradients of all the owner's parameters); and two terms."""
         outputs = [_tensor_bytes(call.outputs) for calls in self._probe_calls.values() for call in calls]
-        forward = n * (self.saved_bytes_per_example + sum(outputs))
-        backward = n * (self.saved_bytes_per_example + 2 * max(outputs, default=0)) + 2 * self.term_bytes
+        saved = self.saved_bytes_per_example
+        if saved is None:  # not measured: inputs and outputs of every call, twice
+            saved = 2 * sum(_tensor_bytes(call.args) + _tensor_bytes(call.outputs)
+                            for calls in self._probe_calls.values() for call in calls)
+        deferred, generic = 0, 0
+        for module, params in self.owners.items():
+            calls = self._probe_calls.get(module, [])
+            if not self._immediate(module, calls):
+                deferred += sum(_tensor_bytes(call.outputs) for call in calls)
+            if self.rule(module) is generic_rule:
+                generic = max(generic, sum(p.numel() * p.element_size() for p in params.values()))
+        patches = self._patch_bytes_kept(n) if self._keeps_patches(n) else n * self.largest_patch_bytes_per_example
+        forward = n * (saved + sum(outputs))
+        backward = (n * (saved + 2 * max(outputs, default=0) + deferred + generic) + patches
+                    + 2 * self.term_bytes)
         return max(forward, backward)
+
+    def _immediate(self, module, calls) -> bool:
+        """Whether ``stream_gram`` builds this owner's terms inside its hook (one call, one
+        output, a structured rule) rather than after the pass."""
+        return self.rule(module) is not generic_rule and len(calls) == 1 and len(calls[0].outputs) == 1
+
+    def _patch_bytes_kept(self, n: int) -> float:
+        return n * self.input_bytes_per_example
+
+    def _keeps_patches(self, n: int) -> bool:
+        """Unfolded patches are kept across the outputs of a pass when all of them take at
+        most a quarter of the budget (otherwise each layer's are dropped after its terms)."""
+        return self._patch_bytes_kept(n) <= self.budget / 4
 
     def plan(self, n1: int, n2: int, chunk: int) -> tuple:
         """Choose each positions layer's form for blocks (n1, n2) and ``chunk`` outputs at a
         time; return the estimated bytes per example (independent of the outputs, per output)."""
         itemsize = next(iter(next(iter(self.owners.values())).values())).element_size()
-        per_example, per_output, patch_bytes = 0.0, 0.0, 0.0
+        per_example, per_output, patch_bytes, largest_patch = 0.0, 0.0, 0.0, 0.0
         for module, params in self.owners.items():
             calls = self._probe_calls.get(module, [])
             # inputs, outputs and their clones, and ~ one more output's worth that autograd
@@ -302,12 +360,15 @@ class GramEngine:
                 continue
             layer_shapes = shapes(module, calls)
             self.forms[module] = self._choose(layer_shapes, n1, n2, chunk, itemsize)
+            layer_patch = sum(shape.positions * shape.d_in * shape.groups * itemsize for shape in layer_shapes)
+            largest_patch = max(largest_patch, layer_patch)
+            patch_bytes += layer_patch
+            per_example += layer_patch
             for shape in layer_shapes:
-                per_example += shape.positions * shape.d_in * shape.groups * itemsize
-                patch_bytes += shape.positions * shape.d_in * shape.groups * itemsize
                 if self.forms[module] != "factored":
                     per_output += shape.d_in * shape.d_out * shape.groups * itemsize
         self.input_bytes_per_example = patch_bytes
+        self.largest_patch_bytes_per_example = largest_patch
         return per_example, per_output
 
     def _choose(self, layer_shapes, n1, n2, chunk, itemsize) -> str:
@@ -466,40 +527,49 @@ class GramEngine:
         owners = list(self.owners)
         handles, deferred = [], []
         self.input_grams = {}
-        for index, module in enumerate(owners):
-            calls = rec.calls[module]
-            immediate = self.rule(module) is not generic_rule and len(calls) == 1 and len(calls[0].outputs) == 1
-            if not immediate:
-                deferred.append((index, module))
-            for call in calls:
-                call.check_inputs_unmodified(module)
-                call.cotangents = [None] * len(call.outputs)
-                for position, out in enumerate(call.outputs):
-                    hook = self._stream_hook(rec, index, module, call, position, immediate, K, split)
-                    handles.append(out.register_hook(hook))
-                call.release_outputs()
-        sinks = _sink_edges([edge for m in owners for call in rec.calls[m] for edge in call.edges])
+        keep_patches = self._keeps_patches(n)
         try:
+            for index, module in enumerate(owners):
+                calls = rec.calls[module]
+                immediate = self._immediate(module, calls)
+                if not immediate:
+                    deferred.append((index, module))
+                for call in calls:
+                    call.check_inputs_unmodified(module)
+                    call.cotangents = [None] * len(call.outputs)
+                    for position, out in enumerate(call.outputs):
+                        hook = self._stream_hook(rec, index, module, call, position, immediate, K, split,
+                                                 keep_patches)
+                        handles.append(out.register_hook(hook))
+                    call.release_outputs()
+            if not f.requires_grad:  # no trainable parameter reaches the output: K stays 0
+                return K
+            sinks = _sink_edges([edge for m in owners for call in rec.calls[m] for edge in call.edges])
             for number, k in enumerate(self.selected):
-                f_k = f[:, k]
-                torch.autograd.grad(f_k, sinks, grad_outputs=torch.ones_like(f_k), allow_unused=True,
-                                    retain_graph=number + 1 < self.c)
+                with torch.enable_grad():  # the caller may be under no_grad
+                    f_k = f[:, k]
+                    torch.autograd.grad(f_k, sinks, grad_outputs=torch.ones_like(f_k), allow_unused=True,
+                                        retain_graph=number + 1 < self.c)
                 for index, module in deferred:
                     self._contract_layer(rec, index, module, n, K, split)
                     for call in rec.calls[module]:
                         call.cotangents = [None] * len(call.cotangents)
+                        if not keep_patches:
+                            call.cache.clear()
         finally:
             for handle in handles:
                 handle.remove()
             self.input_grams = {}
         return K
 
-    def _stream_hook(self, rec, index, module, call, position, immediate, K, split):
+    def _stream_hook(self, rec, index, module, call, position, immediate, K, split, keep_patches):
         def on_cotangent(g):
             call.cotangents[position] = g.detach().unsqueeze(1)  # (n, c = 1, ...)
             if immediate:
                 self._contract_layer(rec, index, module, g.shape[0], K, split)
                 call.cotangents[position] = None
+                if not keep_patches:
+                    call.cache.clear()
             # returns None: the gradient flows on unchanged
         return on_cotangent
 
@@ -567,6 +637,11 @@ class GramEngine:
                 kernels.factored_conv_gram(A1, G1, A2, G2, out=K, backend=self.backend)
             return
         K += factored_full_gram(A1, G1, A2, G2).to(K.dtype)
+
+
+def _storage_address(t: torch.Tensor):
+    """Address of a strided tensor's storage (None for sparse and other layouts)."""
+    return t.untyped_storage().data_ptr() if t.layout == torch.strided else None
 
 
 def _rows(term, rows: slice):
@@ -756,16 +831,20 @@ def _one_pass_blocks(engine, x1, x2, dtype, block_size, memory_budget: int) -> t
     Gram) when its estimated peak (``one_pass_bytes``) fits the budget; otherwise blocks of
     b examples, with one pass per diagonal block of a symmetric Gram and one pass over two
     blocks together (split) per off-diagonal block, b the largest block size (halving) for
-    which a pass over 2b examples fits."""
+    which a pass over two blocks fits (a short x2 stays whole: train × a few test points)."""
     symmetric = x2 is None
     n1 = x1.shape[0]
     n2 = n1 if symmetric else x2.shape[0]
+    engine.plan(n1, n2, 1)
+
+    def pass_fits(b: int) -> bool:
+        size = min(b, n1) if symmetric and b >= n1 else min(b, n1) + min(b, n2)
+        return engine.one_pass_bytes(size) <= memory_budget
+
     if block_size is None:
-        b = n1 if symmetric else n1 + n2
-        if engine.one_pass_bytes(b) > memory_budget:
-            b = max(n1, n2)
-            while b > 1 and engine.one_pass_bytes(2 * b) > memory_budget:
-                b = max(1, b // 2)
+        b = max(n1, n2)
+        while b > 1 and not pass_fits(b):
+            b = max(1, b // 2)
     else:
         b = block_size
     blocks1 = [slice(s, min(s + b, n1)) for s in range(0, n1, b)]

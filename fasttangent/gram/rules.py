@@ -136,7 +136,8 @@ def _weight_terms(ctx: LayerContext, patches, groups: int):
 
 def _even_step(size: int, most: int) -> int:
     """Piece length for splitting ``size`` items into the fewest pieces of at most ``most``
-    items, all of about the same length (no small remainder piece)."""
+    items: ceil(size / pieces), so that pieces come out about equal when the count allows
+    (64 by at most 56: 32 + 32 rather than 56 + 8); the last piece may still be shorter."""
     most = max(1, min(size, most))
     return -(-size // -(-size // most))
 
