@@ -595,3 +595,19 @@ def test_one_pass_plan_counts_generic_gradients_and_patches(monkeypatch):
     K = ft.ntk_gram(model, x, memory_budget=16 * 128 * 128 * 4)  # the gradients alone fill it
     assert len(passes) > 1
     assert rel_error(K, select(reference_full(model, x, x), "trace")) < TOLERANCE[torch.float32]
+
+
+def test_parametrized_layers_weight_norm_and_orthogonal():
+    """Parametrizations (torch.nn.utils.parametrize) own their originals through the
+    parametrized module: the generic rule differentiates the module with the originals."""
+    from torch.nn.utils.parametrizations import orthogonal, weight_norm
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 3)), nn.Tanh(), orthogonal(nn.Linear(3, 3)), nn.Tanh(),
+                          nn.Linear(3, 2))
+    x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
+    ref_cross, ref_self = reference_full(model, x1, x2), reference_full(model, x1, x1)
+    for outputs in OUTPUT_MODES:
+        assert rel_error(ft.ntk_gram(model, x1, x2, outputs=outputs), select(ref_cross, outputs)) < 1e-5
+        assert rel_error(ft.ntk_gram(model, x1, outputs=outputs), select(ref_self, outputs)) < 1e-5
+    root = weight_norm(nn.Linear(4, 2))  # parametrized at the root of the model
+    assert rel_error(ft.ntk_gram(root, x1), select(reference_full(root, x1, x1), "trace")) < 1e-5

@@ -201,6 +201,19 @@ def _common_prefix(names):
     return ".".join(prefix)
 
 
+def _parametrized_use(mod_name: str, p_name: str):
+    """(module, name relative to it) through which a parameter is used. A parametrization's
+    originals (weight_norm, spectral_norm, orthogonal, ...) registered at
+    ``<module>.parametrizations.<tensor>`` are used by ``<module>``, whose calls are
+    per-example; the parametrization's own call builds the weight once for the whole batch,
+    so it cannot own them."""
+    parts = mod_name.split(".") if mod_name else []
+    if "parametrizations" not in parts:
+        return mod_name, p_name
+    at = parts.index("parametrizations")
+    return ".".join(parts[:at]), ".".join([*parts[at:], p_name])
+
+
 def plan_ownership(model: nn.Module, called: set):
     """{module: {relative name: Parameter}} and the set of modules forced onto the generic rule."""
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -208,14 +221,17 @@ def plan_ownership(model: nn.Module, called: set):
     for mod_name, module in modules.items():
         for p_name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
+                use = _parametrized_use(mod_name, p_name)
                 entry = users.setdefault(id(p), (p, []))
-                if (mod_name, p_name) not in entry[1]:
-                    entry[1].append((mod_name, p_name))
+                if use not in entry[1]:
+                    entry[1].append(use)
     owners, generic = {}, set()
     for p, uses in users.values():
         mod_names = sorted({m for m, _ in uses})
         if len(mod_names) == 1 and modules[mod_names[0]] in called:
             owner_name, rel = mod_names[0], uses[0][1]
+            if rel.startswith("parametrizations."):  # no structured rule knows the originals
+                generic.add(modules[owner_name])
         else:
             owner_name = _common_prefix(mod_names)
             while modules[owner_name] not in called and owner_name:
@@ -311,11 +327,11 @@ class GramEngine:
         layer-output cotangents in flight; the cotangents of deferred owners (held until a
         pass ends); the kept unfolded patches (or one layer's); the largest generic-rule
         term (per-example gradients of all the owner's parameters); and two terms."""
-        outputs = [_tensor_bytes(call.outputs) for calls in self._probe_calls.values() for call in calls]
+        calls = [call for module in self.owners for call in self._probe_calls.get(module, [])]
+        outputs = [_tensor_bytes(call.outputs) for call in calls]
         saved = self.saved_bytes_per_example
         if saved is None:  # not measured: inputs and outputs of every call, twice
-            saved = 2 * sum(_tensor_bytes(call.args) + _tensor_bytes(call.outputs)
-                            for calls in self._probe_calls.values() for call in calls)
+            saved = 2 * sum(_tensor_bytes(call.args) + _tensor_bytes(call.outputs) for call in calls)
         deferred, generic = 0, 0
         for module, params in self.owners.items():
             calls = self._probe_calls.get(module, [])
