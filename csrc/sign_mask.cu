@@ -7,18 +7,7 @@
 // Each warp lane loads 16 bytes (E = 4 fp32 or 8 bf16/fp16 elements), so a warp covers
 // 32 E elements, i.e. E whole words, per step. A lane's E status bits are bits
 // E * (lane % L) .. of word lane / L, where L = 32 / E lanes share one word.
-#ifdef FASTTANGENT_HOST_SIMULATION
-// tests/cuda_sim/: the kernels below run on CPU threads to test their index logic
-#include FASTTANGENT_HOST_SIMULATION
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
-
-#include "element_type.h"
-#ifndef FASTTANGENT_HOST_SIMULATION
-#include "launchers.h"
-#endif
+#include "kernel_prelude.h"
 
 namespace fasttangent {
 namespace {

@@ -14,21 +14,10 @@
 // Split-k (few tiles, long p: the usual NTK shape, n samples << p parameters): block z
 // multiplies one k range into its own slice of a workspace, and sum_splits_kernel adds
 // the slices in a fixed order, so results stay deterministic and exactly symmetric.
-#ifdef FASTTANGENT_HOST_SIMULATION
-// tests/cuda_sim/: the kernels below run on CPU threads to test their index logic
-#include FASTTANGENT_HOST_SIMULATION
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+#include "kernel_prelude.h"
 
 #include <algorithm>
 #include <cmath>
-
-#include "element_type.h"
-#ifndef FASTTANGENT_HOST_SIMULATION
-#include "launchers.h"
-#endif
 
 namespace fasttangent {
 namespace {

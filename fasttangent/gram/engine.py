@@ -782,8 +782,8 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     b1, b2, chunk = plan_blocks(engine, n1, n2, symmetric, block_size, memory_budget, one_output_at_a_time=looped)
     chunks = engine.output_chunks(chunk)
     engine.block = max(b1, b2)
-    blocks1 = [slice(s, min(s + b1, n1)) for s in range(0, n1, b1)]
-    blocks2 = blocks1 if symmetric else [slice(s, min(s + b2, n2)) for s in range(0, n2, b2)]
+    blocks1 = _blocks(n1, b1)
+    blocks2 = blocks1 if symmetric else _blocks(n2, b2)
     per_example, per_output = engine.plan(b1, b2, chunk)
     all_features = (n1 + (0 if symmetric else n2)) * (per_example + engine.c * per_output)
     keep_all = len(chunks) == 1 and all_features <= memory_budget
@@ -819,23 +819,17 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
             last[key] = feats
         return feats
 
-    for i, s1 in enumerate(blocks1):
-        for j, s2 in enumerate(blocks2):
-            if symmetric and j < i:
-                continue
-            size1, size2 = s1.stop - s1.start, s2.stop - s2.start
-            block = torch.zeros((size1, size2, *shape[2:]), dtype=dtype, device=x1.device)
-            if symmetric and i == j:
-                for feats in block_chunks(1, i):
-                    engine.contract(feats, None, block)
-                    del feats  # not alive while the stream builds the next term
-            else:
-                for feats1, feats2 in zip(block_chunks(1, i), block_chunks(1 if symmetric else 2, j)):
-                    engine.contract(feats1, feats2, block)
-                    del feats1, feats2
-            K[s1, s2] = block
-            if symmetric and i != j:
-                K[s2, s1] = block.transpose(0, 1).transpose(2, 3) if engine.full else block.T
+    def fill(i, j, block):
+        if symmetric and i == j:
+            for feats in block_chunks(1, i):
+                engine.contract(feats, None, block)
+                del feats  # not alive while the stream builds the next term
+        else:
+            for feats1, feats2 in zip(block_chunks(1, i), block_chunks(1 if symmetric else 2, j)):
+                engine.contract(feats1, feats2, block)
+                del feats1, feats2
+
+    _fill_block_pairs(K, blocks1, blocks2, symmetric, fill)
     if reduce == "mean" and not engine.full:
         K /= engine.c
     return K
@@ -863,24 +857,40 @@ def _one_pass_blocks(engine, x1, x2, dtype, block_size, memory_budget: int) -> t
             b = max(1, b // 2)
     else:
         b = block_size
-    blocks1 = [slice(s, min(s + b, n1)) for s in range(0, n1, b)]
-    blocks2 = blocks1 if symmetric else [slice(s, min(s + b, n2)) for s in range(0, n2, b)]
+    blocks1 = _blocks(n1, b)
+    blocks2 = blocks1 if symmetric else _blocks(n2, b)
     engine.plan(min(b, n1), min(b, n2), 1)
     K = torch.zeros((n1, n2), dtype=dtype, device=x1.device)
     x_other = x1 if symmetric else x2
+
+    def fill(i, j, block):
+        size1 = block.shape[0]
+        if symmetric and i == j:
+            engine.block = size1
+            engine.stream_gram(x1[blocks1[i]], block)
+        else:
+            engine.block = size1 + block.shape[1]
+            engine.stream_gram(torch.cat([x1[blocks1[i]], x_other[blocks2[j]]]), block, split=size1)
+
+    return _fill_block_pairs(K, blocks1, blocks2, symmetric, fill)
+
+
+def _blocks(n: int, b: int) -> list:
+    """Slices of b consecutive examples covering range(n) (the last one may be shorter)."""
+    return [slice(s, min(s + b, n)) for s in range(0, n, b)]
+
+
+def _fill_block_pairs(K: torch.Tensor, blocks1: list, blocks2: list, symmetric: bool, fill) -> torch.Tensor:
+    """Build K (n1, n2[, c, c]) block by block: ``fill(i, j, block)`` adds the Gram between
+    blocks1[i] and blocks2[j] into a zeroed block. A symmetric Gram computes the pairs
+    i <= j only and mirrors the others (swapping the output axes of a full Gram too)."""
     for i, s1 in enumerate(blocks1):
         for j, s2 in enumerate(blocks2):
             if symmetric and j < i:
                 continue
-            size1 = s1.stop - s1.start
-            block = torch.zeros((size1, s2.stop - s2.start), dtype=dtype, device=x1.device)
-            if symmetric and i == j:
-                engine.block = size1
-                engine.stream_gram(x1[s1], block)
-            else:
-                engine.block = size1 + block.shape[1]
-                engine.stream_gram(torch.cat([x1[s1], x_other[s2]]), block, split=size1)
+            block = K.new_zeros((s1.stop - s1.start, s2.stop - s2.start, *K.shape[2:]))
+            fill(i, j, block)
             K[s1, s2] = block
             if symmetric and i != j:
-                K[s2, s1] = block.T
+                K[s2, s1] = block.transpose(0, 1).transpose(2, 3) if block.dim() == 4 else block.T
     return K

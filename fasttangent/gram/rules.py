@@ -243,23 +243,19 @@ def _conv_materialized_in_pieces(ctx: LayerContext, x, g):
     patches of that row are copied from a channels-last input (one contiguous run of
     kw·C_in values per window row: several times faster to gather than the patches of
     ``F.unfold``), and Jᵢₖ[:, piece] = Gᵢₖᵀ Aᵢ[:, piece] is built for ranges of output
-    channels. The Gram is the sum of the pieces' Grams. Each piece's patches and J stay
+    channels (``_materialized_pieces``). The Gram is the sum of the pieces' Grams. Each piece's patches and J stay
     within ``ctx.term_bytes`` for the planned block; the pieces depend on the planned
     block, not on n, so that the term streams of two blocks stay aligned.
 
     x (n, C_in, *spatial_in), g (n, c, C_out, T)."""
     windows = _windows(ctx.module, x, channels_last=True)
     n, H_out, W_out, kh, kw, C_in = windows.shape
-    positions, c, d_out = H_out * W_out, g.shape[1], g.shape[2]
-    block, itemsize = ctx.block or n, x.element_size()
-    in_step = _even_step(C_in, ctx.term_bytes // (block * positions * kw * itemsize))
+    positions = H_out * W_out
+    in_step = _even_step(C_in, ctx.term_bytes // ((ctx.block or n) * positions * kw * x.element_size()))
     for row in range(kh):
         for start in range(0, C_in, in_step):
             A = windows[:, :, :, row, :, start:start + in_step].reshape(n, positions, -1)
-            out_step = _even_step(d_out, ctx.term_bytes // (block * c * A.shape[2] * itemsize))
-            for first in range(0, d_out, out_step):
-                G = g[:, :, first:first + out_step].reshape(n, -1, positions)
-                yield PerExampleGrads(torch.bmm(G, A).reshape(n, c, -1))
+            yield from _materialized_pieces(ctx, A, g)
 
 
 # On CPU, oneDNN's weight-gradient convolution (grouped over the examples) beats unfolding
