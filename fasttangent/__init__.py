@@ -22,6 +22,7 @@ _EXPORTS = {
     "representations": "fasttangent.metrics",
     "representation_alignment": "fasttangent.metrics",
     "LinearityProbe": "fasttangent.metrics",
+    "UndefinedMetricError": "fasttangent.metrics",
     "AlphaScaled": "fasttangent.alpha",
     "alpha_lr": "fasttangent.alpha",
 }

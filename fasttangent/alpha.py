@@ -10,7 +10,8 @@ import copy
 
 import torch
 from torch import nn
-from torch.func import functional_call
+
+from ._functional import call_with
 
 
 def alpha_lr(lr: float, alpha: float) -> float:
@@ -69,6 +70,7 @@ class AlphaScaled(nn.Module):
         self.alpha = float(alpha)
         self.center = bool(center)
         self.theta0 = _FrozenState(model)
+        self._parameter_names = {name for name, _ in model.named_parameters()}
 
     @torch.no_grad()
     def initial_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,13 +78,19 @@ class AlphaScaled(nn.Module):
         _check_no_training_batchnorm(self.model)
         # No copy of θ0 is needed: the only standard module that writes its buffers in
         # forward is BatchNorm in training mode, refused above.
-        return functional_call(self.model, self.theta0.as_dict(), (x,))
+        return call_with(self.model, self.theta0.as_dict(), (x,))
 
     def initial_model(self) -> nn.Module:
         """A new copy of ``.model`` holding θ0 (parameters and buffers), e.g. the reference
         of a linearity probe after resuming from a checkpoint."""
-        reference = copy.deepcopy(self.model)
-        reference.load_state_dict(self.theta0.as_dict())
+        reference = copy.deepcopy(self.model)  # keeps tied parameters tied
+        with torch.no_grad():
+            # by name, not load_state_dict: θ0 lists a tied parameter once (as
+            # named_parameters does) and includes non-persistent buffers
+            for name, value in self.theta0.as_dict().items():
+                target = (reference.get_parameter(name) if name in self._parameter_names
+                          else reference.get_buffer(name))
+                target.copy_(value)
         return reference
 
     def forward(self, x: torch.Tensor, f0: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,10 +20,12 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from .alpha import AlphaScaled
 from .kernels import alignment_terms, count_sign_matches, pack_signs, representation_alignment_terms
@@ -33,6 +35,13 @@ METRICS = ("sign_similarity", "ntk_alignment", "repr_alignment")
 # A Gram whose (centered) Frobenius norm is below this many units of its dtype's rounding
 # error, relative to its raw norm, is zero up to rounding: its alignment is undefined.
 _ZERO_NORM_ULPS = 16
+
+
+
+class UndefinedMetricError(ValueError):
+    """A metric has no value here: an alignment with a Gram that is zero (e.g. every ReLU
+    off, or outputs that do not depend on the parameters). ``LinearityProbe.measure(...,
+    undefined="nan")`` reports such a metric as NaN instead of raising."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,7 +98,7 @@ def _check_norm(sq_norm: torch.Tensor, raw_sq_norm: torch.Tensor, dtype: torch.d
     if raw_sq_norm == 0 or sq_norm <= tolerance:
         centering = (" after centering (a constant Gram, or identical representations for every "
                      "example, centers to zero; use centered=False)") if centered else ""
-        raise ValueError(f"{what} is zero{centering}, so its alignment ⟨K1,K2⟩/(‖K1‖‖K2‖) is undefined; "
+        raise UndefinedMetricError(f"{what} is zero{centering}, so its alignment ⟨K1,K2⟩/(‖K1‖‖K2‖) is undefined; "
                          "check that the model's outputs depend on its parameters and inputs")
 
 
@@ -191,12 +200,15 @@ class SignRecord:
         numels: per call, the number of units (elements of the ReLU output, all examples).
         layers: per call, the dotted name of the nn.ReLU module that was called.
         input_shape: the shape of the inputs x the pattern was recorded on.
+        input_sums: (n, 2) float64 per-example sums of x and of x², so that a comparison on
+            other inputs of the same shape is caught (``_input_sums``).
     """
 
     words: tuple
     numels: tuple
     layers: tuple
     input_shape: tuple
+    input_sums: torch.Tensor
 
     @property
     def units(self) -> int:
@@ -219,14 +231,42 @@ def _relu_names(model: nn.Module, op: str) -> dict:
 
 def _visit_relu_outputs(model: nn.Module, x: torch.Tensor, visit, op: str) -> None:
     """Run model(x) (eval mode, no gradient) and call ``visit(name, output)`` at every nn.ReLU
-    call, in call order, while the output is live; nothing is kept unless ``visit`` keeps it."""
+    call, in call order, while the output is live; nothing is kept unless ``visit`` keeps it.
+    Raises when the model's output has NaN or inf (a NaN unit would count as off)."""
     names = _relu_names(model, op)
 
     def hook(module, inputs, output):
         visit(names[module], output)
 
     with _evaluating(model), torch.no_grad(), _hooked(names, hook):
-        model(x)
+        out = model(x)
+    leaves, _ = tree_flatten(out)
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in leaves):
+        raise ValueError(f"{op}: the model's output on x contains NaN or inf, so its ReLU states are meaningless; "
+                         "check x and the model's parameters for NaN/inf or overflow")
+
+
+def _input_sums(x: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float64 per-example Σx and Σx² on the CPU: a cheap fingerprint of the inputs."""
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    return torch.stack([flat.sum(dim=1), flat.square().sum(dim=1)], dim=1).cpu()
+
+
+def _same_inputs(recorded: torch.Tensor, sums: torch.Tensor) -> bool:
+    """Equal fingerprints up to the rounding of a sum computed on another device."""
+    scale = recorded.abs().max().clamp_min(1.0)
+    return bool(torch.allclose(sums, recorded, rtol=1e-9, atol=1e-9 * float(scale)))
+
+
+# wrappers that prefix every module name (DataParallel / DistributedDataParallel, torch.compile)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _bare_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def record_signs(model: nn.Module, x: torch.Tensor, *, backend: str = "auto") -> SignRecord:
@@ -254,7 +294,7 @@ def record_signs(model: nn.Module, x: torch.Tensor, *, backend: str = "auto") ->
     if not words:
         raise ValueError("record_signs: the model has nn.ReLU modules but its forward called none of them "
                          "(functional relu calls are invisible to hooks); call the nn.ReLU modules in forward")
-    return SignRecord(tuple(words), tuple(numels), tuple(layers), tuple(x.shape))
+    return SignRecord(tuple(words), tuple(numels), tuple(layers), tuple(x.shape), _input_sums(x))
 
 
 def sign_similarity(model: nn.Module, reference, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -286,11 +326,15 @@ def sign_similarity(model: nn.Module, reference, x: torch.Tensor, backend: str =
     if tuple(x.shape) != record.input_shape:
         raise ValueError(f"the reference signs were recorded on inputs of shape {record.input_shape}, but x has "
                          f"shape {tuple(x.shape)}; record them with record_signs(reference, x) on the same x")
+    if not _same_inputs(record.input_sums, _input_sums(x)):
+        raise ValueError("the reference signs were recorded on other inputs than x (same shape, other values); "
+                         "record them with record_signs(reference, x) on the same x")
     matches = []
 
     def visit(name, output):
         k = len(matches)
-        if k >= len(record.numels) or output.numel() != record.numels[k]:
+        if (k >= len(record.numels) or output.numel() != record.numels[k]
+                or _bare_name(name) != _bare_name(record.layers[k])):
             raise ValueError(_sign_mismatch(record, k, name, output.numel()))
         matches.append(count_sign_matches(output, record.words[k].to(output.device), backend=backend))
 
@@ -306,9 +350,9 @@ def _sign_mismatch(record: SignRecord, k: int, name: str, numel: int) -> str:
     if k >= len(record.numels):
         theirs = f"the reference made only {len(record.numels)} nn.ReLU calls"
     else:
-        theirs = f"the reference's call {k} ('{record.layers[k]}') had {record.numels[k]}"
-    return (f"the model's nn.ReLU call {k} ('{name}') has {numel} units but {theirs}; the reference comes from a "
-            "differently shaped model: record it on a model of the same architecture and the same x")
+        theirs = f"the reference's call {k} was '{record.layers[k]}' with {record.numels[k]}"
+    return (f"the model's nn.ReLU call {k} is '{name}' with {numel} units but {theirs}; the reference comes from "
+            "a different architecture: record it on a model of the same architecture and the same x")
 
 
 # ------------------------------------------------------------------------ representations
@@ -494,18 +538,31 @@ class LinearityProbe:
             raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
         return metrics
 
-    def measure(self, model: nn.Module | None = None) -> dict:
-        """{metric name: float} for ``model`` (default: the model given at construction)."""
+    def measure(self, model: nn.Module | None = None, *, undefined: str = "raise") -> dict:
+        """{metric name: float} for ``model`` (default: the model given at construction).
+
+        ``undefined="nan"`` reports a metric that has no value (``UndefinedMetricError``:
+        an alignment with a zero Gram, e.g. once every ReLU is off) as NaN, so that a training
+        log goes on; ``"raise"`` (the default) raises it."""
+        if undefined not in ("raise", "nan"):
+            raise ValueError(f"undefined={undefined!r} is invalid; use 'raise' or 'nan'")
         model = self.model if model is None else _unwrap(model)
+        measures = {
+            "sign_similarity": lambda: sign_similarity(model, self.signs, self.x, backend=self.backend),
+            "ntk_alignment": lambda: ntk_alignment(model, self.gram, self.x, self.outputs, self.backend,
+                                                   centered=self.centered, **self.gram_options),
+            "repr_alignment": lambda: representation_alignment(model, self.representation, self.x, self.layer,
+                                                               self.centered, backend=self.backend),
+        }
         result = {}
-        if "sign_similarity" in self.metrics:
-            result["sign_similarity"] = float(sign_similarity(model, self.signs, self.x, backend=self.backend))
-        if "ntk_alignment" in self.metrics:
-            result["ntk_alignment"] = float(ntk_alignment(model, self.gram, self.x, self.outputs, self.backend,
-                                                          centered=self.centered, **self.gram_options))
-        if "repr_alignment" in self.metrics:
-            result["repr_alignment"] = float(representation_alignment(
-                model, self.representation, self.x, self.layer, self.centered, backend=self.backend))
+        for name in METRICS:
+            if name in self.metrics:
+                try:
+                    result[name] = float(measures[name]())
+                except UndefinedMetricError:
+                    if undefined == "raise":
+                        raise
+                    result[name] = math.nan
         return result
 
     def __repr__(self) -> str:

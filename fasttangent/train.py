@@ -34,7 +34,8 @@ Task interface (``Task``):
 - ``model_factory()``: a new network, called once under ``torch.manual_seed(config.seed)``;
   remove or freeze BatchNorm there (``fasttangent.alpha``). Its output is (n, c); (n,)
   is accepted for c = 1.
-- ``groups``: name -> index tensor (int64, into the training set) or (x, y) held-out tensors.
+- ``groups``: name -> index tensor (int64, into the training set), bool mask over the
+  training set, or (x, y) held-out tensors; an empty group is an error.
   Each log row holds {"loss", "acc"} per group, in eval mode.
 - ``probe_x``: inputs of the linearity probe; default ``config.probe_size`` training inputs
   drawn with ``config.seed``.
@@ -364,9 +365,12 @@ class _Data:
         self.groups = {}
         for name, group in task.groups.items():
             if isinstance(group, torch.Tensor):
-                self.groups[name] = ("train", group.to(device=device, dtype=torch.long))
+                self.groups[name] = ("train", self._indices(name, group).to(device))
             else:
                 gx, gy = group
+                if len(gx) == 0 or len(gx) != len(gy):
+                    raise ValueError(f"held-out group {name!r} has {len(gx)} inputs and {len(gy)} targets; "
+                                     "give it a non-empty (x, y) pair of equal lengths")
                 self.groups[name] = ("heldout", (self._put(gx, device, dtype), gy.to(device)))
         if task.probe_x is not None:
             self.probe_x = self._put(task.probe_x, device, dtype)
@@ -376,6 +380,24 @@ class _Data:
         self.probe_x = self.transform(self.probe_x)
         self.f0_train = None
         self.f0_heldout = {}
+
+    def _indices(self, name: str, group: torch.Tensor) -> torch.Tensor:
+        """A training-set group as int64 indices: an index tensor as is, a bool mask of the
+        n training examples as the indices of its True entries."""
+        if group.dtype == torch.bool:
+            if group.shape != (self.n,):
+                raise ValueError(f"group {name!r} is a bool mask of shape {tuple(group.shape)}; a mask must have "
+                                 f"one entry per training example, shape ({self.n},)")
+            group = group.nonzero().squeeze(1)
+        elif group.is_floating_point() or group.is_complex() or group.dim() != 1:
+            raise ValueError(f"group {name!r} must be a 1-d int64 index tensor or a bool mask over the training "
+                             f"set, got dtype {group.dtype} and shape {tuple(group.shape)}")
+        if group.numel() == 0:
+            raise ValueError(f"group {name!r} is empty; drop it from task.groups or give it some examples")
+        if group.min() < -self.n or group.max() >= self.n:
+            raise ValueError(f"group {name!r} indexes outside the {self.n} training examples "
+                             f"(indices from {int(group.min())} to {int(group.max())})")
+        return group.to(torch.long)
 
     @staticmethod
     def _put(x, device, dtype):
@@ -408,14 +430,15 @@ def _evaluate(net: AlphaScaled, data: _Data, kind: str, batch: int) -> dict:
             out = net(data.transform(x[i:i + batch]), f0=f0[i:i + batch])
             loss_sum += per_example_loss(out, y[i:i + batch], kind).sum().item()
             hits += correct(out, y[i:i + batch], kind).sum().item()
-        results[name] = {"loss": loss_sum / max(len(y), 1), "acc": hits / max(len(y), 1)}
+        results[name] = {"loss": loss_sum / len(y), "acc": hits / len(y)}  # groups are non-empty
     return results
 
 
 def _loss_kind(config: TrainConfig, net: AlphaScaled, data: _Data) -> tuple[str, int]:
     """("logistic" | "cross_entropy", number of classes c) from the config and output width."""
     with torch.no_grad():
-        width = net.initial_output(data.transform(data.x[:2])).reshape(2, -1).shape[1]
+        f0 = net.initial_output(data.transform(data.x[:2]))
+        width = f0.reshape(f0.shape[0], -1).shape[1]  # an (n,) output is one output
     kind = config.loss if config.loss != "auto" else ("logistic" if width == 1 else "cross_entropy")
     if kind == "logistic" and width != 1:
         raise ValueError(f"the logistic loss needs 1 output, the model has {width}; use loss = 'cross_entropy'")
@@ -548,7 +571,8 @@ def _row(net, data, kind, probe, config, alpha, step, sampler, loss_average, sta
     net.eval()
     with torch.no_grad():
         groups = _evaluate(net, data, kind, config.eval_batch_size)
-    metrics = probe.measure(net.model) if probe is not None else {}
+    # a metric with no value (e.g. every ReLU off) is logged as NaN rather than ending the run
+    metrics = probe.measure(net.model, undefined="nan") if probe is not None else {}
     net.train()
     return {"alpha": alpha, "step": step, "epoch": step * sampler.batch_size / data.n, "train_loss": loss_average,
             "groups": groups, "metrics": {m: float(v) for m, v in metrics.items()},

@@ -154,3 +154,36 @@ def test_remove_batchnorm():
     torch.testing.assert_close(net(x), net[3](net[2](net[0](x))))
     AlphaScaled(net, 3.0)(x)                                    # accepted now
     assert isinstance(remove_batchnorm(nn.BatchNorm2d(3)), nn.Identity)
+
+
+class _SharedSubmodule(nn.Module):
+    """One Linear reached by two paths (``second = first``) and a non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = self.first
+        self.out = nn.Linear(4, 2)
+        self.register_buffer("shift", torch.full((4,), 0.1), persistent=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.second(torch.tanh(self.first(x) + self.shift))))
+
+
+def test_shared_submodule_and_nonpersistent_buffer_keep_the_model_intact():
+    """f_θ0 through a submodule reached by two paths must not leave plain tensors where the
+    model's parameters were (torch's functional_call does, pytorch/pytorch#164759), and
+    ``initial_model`` must restore θ0 for tied parameters and non-persistent buffers."""
+    torch.manual_seed(0)
+    model, x = _SharedSubmodule().double(), _x()
+    expected = model(x).detach()
+    net = AlphaScaled(model, 5.0)
+    with torch.no_grad():
+        model.first.weight.add_(0.3)
+        model.shift.add_(1.0)
+    torch.testing.assert_close(net.initial_output(x), expected, rtol=0, atol=1e-12)
+    assert isinstance(model.first.weight, nn.Parameter) and model.second.weight is model.first.weight
+    assert set(net.parameters()) == set(model.parameters())
+    reference = net.initial_model()
+    torch.testing.assert_close(reference(x), expected, rtol=0, atol=1e-12)
+    assert reference.second.weight is reference.first.weight

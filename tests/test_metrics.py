@@ -1,6 +1,7 @@
 """Linearity metrics against independent references: hand-computed alignments, numpy CKA,
 explicit functional forwards for ReLU statuses and representations, float64 torch.func Grams."""
 import copy
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -292,9 +293,20 @@ def test_sign_errors():
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"recorded on inputs of shape \(5, 3\).*same x"):
         ft.sign_similarity(model, ft.record_signs(model, x[:5]), x)
-    with pytest.raises(ValueError, match="differently shaped model"):
+    with pytest.raises(ValueError, match="different architecture"):
         ft.sign_similarity(model, SharedReluMLP(hidden=9), x)
-    one_call = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 2))
+    with pytest.raises(ValueError, match="recorded on other inputs than x"):
+        ft.sign_similarity(model, ft.record_signs(model, x), x + 0.5)
+    renamed = nn.Sequential()  # the same ReLU units under other module names
+    renamed.add_module("body", copy.deepcopy(model))
+    with pytest.raises(ValueError, match="call 0 is 'body.*different architecture"):
+        ft.sign_similarity(renamed, ft.record_signs(model, x), x)
+    x_nan = x.clone()
+    x_nan[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ft.sign_similarity(model, model, x_nan)
+    # the same first ReLU call (name 'act', 8 × 7 units), but no second one
+    one_call = nn.Sequential(OrderedDict(fc1=nn.Linear(3, 7), act=nn.ReLU(), out=nn.Linear(7, 2)))
     with pytest.raises(ValueError, match="made 1 nn.ReLU calls but the reference made 2"):
         ft.sign_similarity(one_call, model, x)
     with pytest.raises(ValueError, match="reference made only 1 nn.ReLU calls"):
@@ -470,6 +482,26 @@ def test_probe_without_ntk_and_without_relu(dtype):
         ft.LinearityProbe(tanh, x, metrics=("sign_similarity",))
     with pytest.raises(ValueError, match="unknown metrics"):
         ft.LinearityProbe(tanh, x, metrics=("cka",))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probe_reports_an_undefined_metric_as_nan_on_request(dtype):
+    """With every ReLU off, R = 0 and its alignment has no value: ``measure`` raises
+    UndefinedMetricError, or with undefined="nan" reports NaN next to the defined metrics."""
+    model = make(SharedReluMLP, dtype)
+    x = torch.randn(12, 3, dtype=dtype)
+    probe = ft.LinearityProbe(model, x, metrics=("sign_similarity", "repr_alignment"))
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.fc2.bias.fill_(-1e3)
+    with pytest.raises(ft.UndefinedMetricError, match="is zero"):
+        probe.measure(dead)
+    measured = probe.measure(dead, undefined="nan")
+    assert np.isnan(measured["repr_alignment"])
+    expected = hand_sign_similarity(mlp_pre_activations(dead, x), mlp_pre_activations(model, x))
+    assert measured["sign_similarity"] == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match="undefined='skip' is invalid"):
+        probe.measure(dead, undefined="skip")
 
 
 def _has_ntk():

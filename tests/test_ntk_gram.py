@@ -132,6 +132,19 @@ class Tied(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+class SharedPath(nn.Module):
+    """One Linear reached by two attribute paths (``second = first``), called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = self.first
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)), (5,)
 
@@ -171,6 +184,7 @@ MODELS = {
     "mlp": _mlp, "cnn2d": _cnn2d, "cnn1d": _cnn1d, "residual_bn": _residual_bn, "norms": _norms,
     "sequence_linear": _sequence, "shared_and_custom": lambda: (SharedMLP(), (5,)),
     "attention": lambda: (Attention(), (4, 3)), "tied": lambda: (Tied(), (4,)),
+    "shared_path": lambda: (SharedPath(), (4,)),
 }
 
 
@@ -199,6 +213,20 @@ def test_matches_jacobian_reference(name, outputs, dtype):
     assert K_cross.dtype == dtype and K_self.dtype == dtype
     assert rel_error(K_cross, select(ref_cross, outputs)) < TOLERANCE[dtype]
     assert rel_error(K_self, select(ref_self, outputs)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", ["tied", "shared_path", "shared_and_custom"])
+def test_shared_weights_leave_the_model_intact(name):
+    """The parameters of a model with shared weights or a submodule reached by two paths
+    are the same nn.Parameter objects after the Gram (torch's functional_call can leave plain
+    tensors in their place, pytorch/pytorch#164759), and the Gram stays exact."""
+    model, x1, _, _, ref_self = case(name)
+    model = copy.deepcopy(model)
+    before = {id(p) for p in model.parameters()}
+    K = ft.ntk_gram(model, x1)
+    slots = [t for m in model.modules() for t in m._parameters.values() if t is not None]
+    assert all(isinstance(t, nn.Parameter) for t in slots) and {id(t) for t in slots} == before
+    assert rel_error(K, select(ref_self, "trace")) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -201,3 +201,54 @@ def test_augmentation_and_transform_resume_exactly(tmp_path):
     no_noise = _strip(train(_config(tmp_path, "plain", checkpoint_every=5), plain))
     assert no_noise[0]["groups"] == reference[0]["groups"]   # same start; evaluation is never augmented
     assert no_noise[-1]["train_loss"] != reference[-1]["train_loss"]   # augmentation changed training
+
+
+def test_bool_mask_group_equals_its_index_group_and_bad_groups_raise(tmp_path):
+    task = _task(3)
+    mask = torch.zeros(24, dtype=torch.bool)
+    mask[[3, 10, 17, 23]] = True
+    task.groups = {"mask": mask, "indices": torch.tensor([3, 10, 17, 23])}
+    rows = train(_config(tmp_path, "mask", alphas=[1.0], steps=[3]), task)
+    assert all(r["groups"]["mask"] == r["groups"]["indices"] for r in rows)
+    for bad, message in [(torch.tensor([], dtype=torch.long), "empty"), (torch.ones(5, dtype=torch.bool), "mask"),
+                         (torch.tensor([0, 24]), "outside"), (torch.tensor([0.0, 1.0]), "index tensor")]:
+        task.groups = {"bad": bad}
+        with pytest.raises(ValueError, match=message):
+            train(_config(tmp_path, f"bad_{message.replace(' ', '_')}", alphas=[1.0], steps=[1]), task)
+
+
+@pytest.mark.parametrize("classes", [1, 10])
+def test_one_training_example(tmp_path, classes):
+    """The loss and the number of classes (the log schedule's start, log c) come from the
+    output width, also for n = 1."""
+    from fasttangent.alpha import AlphaScaled
+    from fasttangent.train import _Data, _loss_kind
+    task = _task(classes, n=1)
+    task.groups, task.probe_x = {}, None
+    rows = train(_config(tmp_path, "one", alphas=[1.0], steps=[2], batch_size=1, probe=False), task)
+    assert len(rows) >= 2 and math.isfinite(rows[-1]["train_loss"])
+    config = _config(tmp_path, "kind")
+    net = AlphaScaled(task.model_factory().double(), 1.0)
+    expected = ("logistic", 2) if classes == 1 else ("cross_entropy", 10)
+    assert _loss_kind(config, net, _Data(task, config, torch.device("cpu"))) == expected
+
+
+def test_a_dead_network_logs_nan_metrics_and_finishes(tmp_path, monkeypatch):
+    """Once every ReLU is off the representation Gram is zero and its alignment has no value:
+    the run goes on and logs NaN for it (a direct ``measure`` call raises)."""
+    import fasttangent.train as train_module
+    task = _task(1)
+    task.groups = {}
+    row = train_module._row
+
+    def row_after_killing_every_unit(net, data, kind, probe, config, alpha, step, *rest):
+        if step > 0:
+            with torch.no_grad():
+                net.model[2].bias.fill_(-1e3)   # the last ReLU is off for every example from now on
+        return row(net, data, kind, probe, config, alpha, step, *rest)
+
+    monkeypatch.setattr(train_module, "_row", row_after_killing_every_unit)
+    rows = train(_config(tmp_path, "dead", alphas=[1.0], steps=[6]), task)
+    assert all(math.isfinite(v) for v in rows[0]["metrics"].values())
+    assert math.isnan(rows[-1]["metrics"]["repr_alignment"])
+    assert len(rows) > 2

@@ -228,7 +228,8 @@ def plan_ownership(model: nn.Module, called: set):
     owners, generic = {}, set()
     for p, uses in users.values():
         mod_names = sorted({m for m, _ in uses})
-        if len(mod_names) == 1 and modules[mod_names[0]] in called:
+        # one module reached by several paths (self.b = self.a) is still one user
+        if len({id(modules[m]) for m in mod_names}) == 1 and modules[mod_names[0]] in called:
             owner_name, rel = mod_names[0], uses[0][1]
             if rel.startswith("parametrizations."):  # no structured rule knows the originals
                 generic.add(modules[owner_name])

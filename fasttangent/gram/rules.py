@@ -29,9 +29,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._functional import call_with
 from .capture import Call
 from .cost import FACTORED, PatchShape
 
@@ -438,7 +439,7 @@ def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int
         args, kwargs = tree_unflatten(rebuilt, spec)
 
         def forward(p):
-            out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
+            out_leaves, _ = tree_flatten(call_with(module, p, args, kwargs))
             return tuple(out_leaves[i] for i in positions)
 
         _, pullback = vjp(forward, p)
