@@ -51,6 +51,9 @@ def ntk_gram(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
     Returns:
         (n1, n2) or (n1, n2, c, c), in the model's dtype promoted to at least float32.
     """
+    # torch.compile's wrapper: the rules' hooks need the eager module (same parameters)
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
     # the Gram is a measurement: hand back no autograd history (captured layer inputs carry some)
     return compute_gram(model, x1, x2, outputs=outputs, backend=backend, block_size=block_size, reduce=reduce,
                         memory_budget=memory_budget, conv_form=conv_form).detach()

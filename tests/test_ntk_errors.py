@@ -106,3 +106,39 @@ def test_non_tensor_model_output():
 
     with pytest.raises(TypeError, match="tensor output.*wrap the model"):
         ft.ntk_gram(ReturnsDict(), torch.randn(4, 3))
+
+
+def test_input_dtypes_and_empty_inputs():
+    with pytest.raises(ValueError, match="x1 is torch.float32 and x2 is torch.float64"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x1 has no examples"):
+        ft.ntk_gram(_mlp(), torch.randn(0, 3))
+    with pytest.raises(ValueError, match="x2 has no examples"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), torch.randn(0, 3))
+
+
+def test_inference_mode_is_refused_rather_than_giving_zeros():
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode.*torch.no_grad is fine"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3))
+
+
+def test_reduce_mean_with_full_outputs():
+    with pytest.raises(ValueError, match="reduce='mean'.*outputs='full'"):
+        ft.ntk_gram(_mlp(), torch.randn(4, 3), outputs="full", reduce="mean")
+
+
+def test_numpy_integers_and_keyword_inputs_are_accepted():
+    np = pytest.importorskip("numpy")
+    model, x = _mlp(), torch.randn(5, 3)
+    expected = ft.ntk_gram(model, x, outputs=1, block_size=2)
+    torch.testing.assert_close(ft.ntk_gram(model, x, outputs=np.int64(1), block_size=np.int64(2)), expected)
+
+    class KeywordCall(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner[2](input=self.inner[1](self.inner[0](input=x)))
+
+    torch.testing.assert_close(ft.ntk_gram(KeywordCall(model), x, outputs=1), expected)

@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -145,6 +146,33 @@ class SharedPath(nn.Module):
         return self.out(torch.tanh(self.second(torch.tanh(self.first(x)))))
 
 
+class OutsideUses(nn.Module):
+    """Parameters used outside their own module's call: a decoder tied to an embedding
+    through ``F.linear(h, embedding.weight)``, a parent adding a conv's bias once more, and
+    a Linear's weight used again by the parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4)
+        self.conv = nn.Conv1d(4, 4, 2)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        h = self.embedding(tokens).transpose(1, 2)                      # (n, 4, T)
+        h = torch.tanh(self.conv(h) + self.conv.bias[:, None]).mean(dim=2)
+        h = torch.tanh(self.lin(h) + h @ self.lin.weight.T)
+        return F.linear(h, self.embedding.weight)[:, :3]               # tied decoder
+
+
+def _old_style_norms():
+    """nn.utils.weight_norm / spectral_norm (a forward pre-hook computes the weight from
+    weight_g, weight_v / weight_orig) and a user forward hook that changes an output."""
+    model = nn.Sequential(nn.utils.weight_norm(nn.Linear(5, 6)), nn.Tanh(),
+                          nn.utils.spectral_norm(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 3))
+    model[4].register_forward_hook(lambda module, args, out: 2 * out + 0.5 * out ** 2)
+    return model, (5,)
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)), (5,)
 
@@ -184,7 +212,7 @@ MODELS = {
     "mlp": _mlp, "cnn2d": _cnn2d, "cnn1d": _cnn1d, "residual_bn": _residual_bn, "norms": _norms,
     "sequence_linear": _sequence, "shared_and_custom": lambda: (SharedMLP(), (5,)),
     "attention": lambda: (Attention(), (4, 3)), "tied": lambda: (Tied(), (4,)),
-    "shared_path": lambda: (SharedPath(), (4,)),
+    "shared_path": lambda: (SharedPath(), (4,)), "old_style_norms": _old_style_norms,
 }
 
 
@@ -200,6 +228,19 @@ def case(name: str):
     model.eval()
     x1, x2 = torch.randn(5, *shape), torch.randn(3, *shape)
     return model, x1, x2, reference_full(model, x1, x2), reference_full(model, x1, x1)
+
+
+def test_parameters_used_outside_their_module_are_counted():
+    """Every use of a parameter counts, also outside its own module's call (the structured
+    rules would see only the uses inside it), in every outputs mode, self and cross."""
+    torch.manual_seed(0)
+    model = OutsideUses().double().eval()
+    x1, x2 = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (3, 3))
+    J1, J2 = jacobian(model, x1), jacobian(model, x2)  # integer tokens: not cast like reference_full
+    ref_cross, ref_self = torch.einsum("iap,jbp->ijab", J1, J2), torch.einsum("iap,jbp->ijab", J1, J1)
+    for outputs in OUTPUT_MODES:
+        assert rel_error(ft.ntk_gram(model, x1, x2, outputs=outputs), select(ref_cross, outputs)) < 1e-10
+        assert rel_error(ft.ntk_gram(model, x1, outputs=outputs), select(ref_self, outputs)) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -633,7 +674,8 @@ def test_parametrized_layers_weight_norm_and_orthogonal():
     model = nn.Sequential(weight_norm(nn.Linear(4, 3)), nn.Tanh(), orthogonal(nn.Linear(3, 3)), nn.Tanh(),
                           nn.Linear(3, 2))
     x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
-    ref_cross, ref_self = reference_full(model, x1, x2), reference_full(model, x1, x1)
+    J1, J2 = jacobian(model, x1), jacobian(model, x2)  # integer tokens: not cast like reference_full
+    ref_cross, ref_self = torch.einsum("iap,jbp->ijab", J1, J2), torch.einsum("iap,jbp->ijab", J1, J1)
     for outputs in OUTPUT_MODES:
         assert rel_error(ft.ntk_gram(model, x1, x2, outputs=outputs), select(ref_cross, outputs)) < 1e-5
         assert rel_error(ft.ntk_gram(model, x1, outputs=outputs), select(ref_self, outputs)) < 1e-5

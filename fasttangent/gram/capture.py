@@ -56,8 +56,9 @@ class Call:
 
     @property
     def inputs(self) -> tuple:
-        """The positional tensor inputs (what most rules need)."""
-        return self.args
+        """The inputs in call order: the positional ones, or the keyword ones for a call
+        made with keywords only (``linear(input=x)``). What most rules need."""
+        return self.args if self.args else tuple(self.kwargs.values())
 
     def check_inputs_unmodified(self, module: nn.Module) -> None:
         """Raise if an input was modified in place after the call (its values are then lost)."""

@@ -49,11 +49,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import operator
 import os
 
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .. import kernels
@@ -152,6 +155,24 @@ def check_inputs(x1, x2) -> None:
                          f"{tuple(x1.shape)} and {tuple(x2.shape)}; reshape or pad one of them")
     if x2 is not None and x2.device != x1.device:
         raise ValueError(f"x1 is on {x1.device} and x2 on {x2.device}; move them to the model's device")
+    if x2 is not None and x2.dtype != x1.dtype:
+        raise ValueError(f"x1 is {x1.dtype} and x2 is {x2.dtype}; give both the model's dtype")
+    for label, x in (("x1", x1), ("x2", x2)):
+        if x is not None and x.shape[0] == 0:
+            raise ValueError(f"{label} has no examples (shape {tuple(x.shape)}); pass at least one")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("ntk_gram differentiates the model, which torch.inference_mode() forbids (its "
+                           "result would be all zeros); call it outside inference_mode (torch.no_grad is fine)")
+
+
+def _as_index(value):
+    """An int-like option (Python or numpy integer, not bool) as int; other values unchanged."""
+    if isinstance(value, bool) or isinstance(value, str) or value is None:
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def output_selection(outputs, c: int):
@@ -214,9 +235,67 @@ def _parametrized_use(mod_name: str, p_name: str):
     return ".".join(parts[:at]), ".".join([*parts[at:], p_name])
 
 
-def plan_ownership(model: nn.Module, called: set):
-    """{module: {relative name: Parameter}} and the set of modules forced onto the generic rule."""
+class ParameterUses(TorchFunctionMode):
+    """Records, for each trainable parameter, the stack of module calls active at each of its
+    differentiable uses (ops whose result requires grad), during one forward pass.
+
+    Module calls are tracked with global hooks, which run before a module's own pre-hooks,
+    so a parameter transformed in a pre-hook (old ``nn.utils.weight_norm``) counts as used
+    inside its module."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.uses = [], {}
+        self._handles = []
+
+    def __enter__(self):
+        self._handles = [register_module_forward_pre_hook(lambda m, args: self.stack.append(m)),
+                         register_module_forward_hook(lambda m, args, out: self._leave(m), always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        return super().__exit__(*exc)
+
+    def _leave(self, module):
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves, _ = tree_flatten((args, kwargs))
+        params = [t for t in leaves if isinstance(t, nn.Parameter) and t.requires_grad]
+        if params and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
+            for p in params:
+                self.uses.setdefault(id(p), []).append(tuple(self.stack))
+        return out
+
+
+def _deepest_common(stacks) -> nn.Module | None:
+    """The innermost module call active at every one of the given stacks (root first)."""
+    common = None
+    for level in zip(*stacks):
+        if any(m is not level[0] for m in level):
+            break
+        common = level[0]
+    return common
+
+
+def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
+    """{module: {relative name: Parameter}} and the set of modules forced onto the generic rule.
+
+    A parameter belongs to the module that holds it (the parametrized module for the
+    originals of a parametrization) when every use of it (``uses``: id(parameter) -> the
+    module stacks of ``ParameterUses``) happens inside a call of that module. A parameter
+    used elsewhere too (``F.linear(h, embedding.weight)``, a parent adding ``conv.bias``, a
+    weight shared by two modules) belongs to the innermost module call active at all of its
+    uses, on the generic rule."""
+    uses = uses or {}
     modules = dict(model.named_modules(remove_duplicate=False))
+    names = {}
+    for name, module in modules.items():
+        names.setdefault(id(module), name)
     users = {}
     for mod_name, module in modules.items():
         for p_name, p in module.named_parameters(recurse=False):
@@ -226,18 +305,29 @@ def plan_ownership(model: nn.Module, called: set):
                 if use not in entry[1]:
                     entry[1].append(use)
     owners, generic = {}, set()
-    for p, uses in users.values():
-        mod_names = sorted({m for m, _ in uses})
-        # one module reached by several paths (self.b = self.a) is still one user
-        if len({id(modules[m]) for m in mod_names}) == 1 and modules[mod_names[0]] in called:
-            owner_name, rel = mod_names[0], uses[0][1]
+    for p, holders in users.values():
+        mod_names = sorted({m for m, _ in holders})
+        stacks = uses.get(id(p), [])
+        # one module reached by several paths (self.b = self.a) is still one holder
+        single = len({id(modules[m]) for m in mod_names}) == 1 and modules[mod_names[0]] in called
+        if single and any(all(m is not modules[mod_names[0]] for m in stack) for stack in stacks):
+            single = False  # used outside its holder's calls
+        common = _deepest_common(stacks) if stacks and not single else None
+        if common is not None:
+            owner_name = names[id(common)]
+            while not any(q is p for q in modules[owner_name].parameters()):  # climb to a module holding p
+                owner_name = owner_name.rpartition(".")[0]
+            rel = next(n for n, q in modules[owner_name].named_parameters(remove_duplicate=False) if q is p)
+            generic.add(modules[owner_name])
+        elif single:
+            owner_name, rel = mod_names[0], holders[0][1]
             if rel.startswith("parametrizations."):  # no structured rule knows the originals
                 generic.add(modules[owner_name])
         else:
             owner_name = _common_prefix(mod_names)
             while modules[owner_name] not in called and owner_name:
                 owner_name = owner_name.rpartition(".")[0]
-            first = uses[0]
+            first = holders[0]
             rel = ".".join(filter(None, [first[0][len(owner_name):].lstrip("."), first[1]]))
             generic.add(modules[owner_name])
         owners.setdefault(modules[owner_name], {})[rel] = p
@@ -288,6 +378,8 @@ class GramEngine:
     def probe(self, x: torch.Tensor) -> int:
         """Forward one example: find which modules are called, set ownership, record the
         calls' shapes for ``plan``; return the number of model outputs c."""
+        # modules whose own hooks may change what they compute: the rules would not see it
+        hooked = {m for m in self.model.modules() if m._forward_hooks or m._forward_pre_hooks}
         called = set()
         handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in self.model.modules()]
         candidates = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
@@ -299,9 +391,12 @@ class GramEngine:
                 saved[(t.data_ptr(), tuple(t.shape), tuple(t.stride()))] = t.numel() * t.element_size()
             return t
 
+        uses = ParameterUses()
+
         def forward(measure: bool):
             hooks = saved_tensors_hooks(count_saved, lambda t: t) if measure else contextlib.nullcontext()
-            with Recorder(candidates) as rec, torch.enable_grad(), hooks:
+            uses.uses.clear()
+            with Recorder(candidates) as rec, torch.enable_grad(), hooks, uses:
                 return rec, self.model(x[:1].detach())
 
         try:
@@ -317,7 +412,11 @@ class GramEngine:
         finally:
             for h in handles:
                 h.remove()
-        self.owners, self.generic = plan_ownership(self.model, called)
+        self.owners, self.generic = plan_ownership(self.model, called, uses.uses)
+        for module, params in self.owners.items():
+            known = getattr(rule_for(module), "parameter_names", None)
+            if module in hooked or (known is not None and not set(params) <= known):
+                self.generic.add(module)
         self._probe_calls = rec.calls
         return as_matrix(out, 1).shape[1]
 
@@ -758,6 +857,7 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     """The engine behind ``fasttangent.ntk_gram`` (argument checks, blocks, symmetry)."""
     check_model(model)
     check_inputs(x1, x2)
+    outputs, block_size = _as_index(outputs), _as_index(block_size)
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r} is invalid; use 'sum' or 'mean'")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
@@ -774,6 +874,9 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
     engine.term_bytes = term_bytes(memory_budget, x1.device)
     c_total = engine.probe(x1)
     engine.selected, engine.full = output_selection(outputs, c_total)
+    if engine.full and reduce == "mean":
+        raise ValueError("reduce='mean' averages the trace over outputs; a full Gram keeps every output pair, "
+                         "so use reduce='sum' (the default) with outputs='full'")
     dtype = torch.promote_types(next(p for p in model.parameters() if p.requires_grad).dtype, torch.float32)
 
     looped = not engine.backward_is_batched(x1.device)

@@ -79,8 +79,9 @@ _RULES: dict = {}
 def register_rule(module_type: type, rule) -> None:
     """Use ``rule(ctx) -> list[PerExampleGrads | FactoredTerm]`` for modules of ``module_type``.
 
-    The rule must cover exactly the parameters in ``ctx.params``. Registering again for the
-    same type replaces the previous rule.
+    The rule must cover exactly the parameters in ``ctx.params``; give it an attribute
+    ``rule.parameter_names`` (a set of names) and modules holding any other parameter take
+    the generic rule instead. Registering again for the same type replaces the previous rule.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_rule needs an nn.Module subclass, got {module_type!r}")
@@ -463,6 +464,11 @@ def _live_calls_any(ctx: LayerContext):
     """Calls with at least one output reaching the model output (multi-output modules)."""
     return [call for call in ctx.calls if call.cotangents and any(g is not None for g in call.cotangents)]
 
+
+# the parameters the structured rules know; a module of these types holding any other
+# (e.g. weight_g / weight_v of the old nn.utils.weight_norm) takes the generic rule
+for _rule in (linear_rule, conv_rule, batchnorm_rule, groupnorm_rule, layernorm_rule):
+    _rule.parameter_names = frozenset({"weight", "bias"})
 
 register_rule(nn.Linear, linear_rule)
 register_rule(nn.Conv1d, conv_rule)
