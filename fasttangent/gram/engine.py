@@ -334,6 +334,45 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
     return owners, generic
 
 
+def _batch_first(calls, structured: bool) -> bool:
+    """Whether the probe's calls (one example) of a module carry the example index first:
+    every output, and for a structured rule the input, has a leading dimension of 1."""
+    for call in calls:
+        if any(out.dim() == 0 or out.shape[0] != 1 for out in call.outputs):
+            return False
+        first = call.inputs[0] if call.inputs else None
+        if structured and isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != 1):
+            return False
+    return True
+
+
+def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set, calls: dict, rule) -> None:
+    """Give the parameters of an owner whose calls do not carry the example index first
+    (a time-first sequence layer, a layer on a reshaped (n·T, d) batch or on prototypes, a
+    per-example loop inside the forward) to its nearest ancestor whose calls do, on the
+    generic rule; the rules would otherwise take the wrong dimension for the examples."""
+    names = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for module in list(owners):
+        structured = rule(module) is not generic_rule
+        if _batch_first(calls.get(module, []), structured):
+            continue
+        name = names[id(module)]
+        ancestor = name
+        while ancestor:
+            ancestor = ancestor.rpartition(".")[0]
+            if modules[ancestor] in calls and calls[modules[ancestor]] and _batch_first(calls[modules[ancestor]], False):
+                break
+        params = owners.pop(module)
+        generic.discard(module)
+        prefix = name[len(ancestor):].lstrip(".")
+        target = owners.setdefault(modules[ancestor], {})
+        target.update({f"{prefix}.{rel}" if prefix else rel: p for rel, p in params.items()})
+        generic.add(modules[ancestor])
+
+
 def _tensor_bytes(tree) -> int:
     leaves, _ = tree_flatten(tree)
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
@@ -382,7 +421,7 @@ class GramEngine:
         hooked = {m for m in self.model.modules() if m._forward_hooks or m._forward_pre_hooks}
         called = set()
         handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in self.model.modules()]
-        candidates = [m for m in self.model.modules() if any(True for _ in m.parameters(recurse=False))]
+        candidates = list(self.model.modules())  # every call, for the batch-first check of ancestors
         state = {_storage_address(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
         saved = {}
 
@@ -417,6 +456,7 @@ class GramEngine:
             known = getattr(rule_for(module), "parameter_names", None)
             if module in hooked or (known is not None and not set(params) <= known):
                 self.generic.add(module)
+        _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule)
         self._probe_calls = rec.calls
         return as_matrix(out, 1).shape[1]
 
@@ -577,6 +617,7 @@ class GramEngine:
         """Yield ((owner index, term index), term) of one owner, building each term only when
         the previous one has been contracted (rules may return generators)."""
         ctx = LayerContext(module=module, calls=rec.calls[module], params=self.owners[module], n=n, c=c,
+                           probe_calls=self._probe_calls.get(module),
                            form=self.forms.get(module), block=self.block, term_bytes=self.term_bytes)
         rule = self.rule(module)
         mode = torch.enable_grad if rule is generic_rule else torch.no_grad

@@ -71,6 +71,7 @@ class LayerContext:
     form: str | None = None
     block: int | None = None
     term_bytes: int | None = None
+    probe_calls: list | None = None
 
 
 _RULES: dict = {}
@@ -424,10 +425,24 @@ def layernorm_rule(ctx: LayerContext):
 # ----------------------------------------------------------------------------------------
 # Generic rule: per-example torch.func over the module alone (reference-quality fallback).
 
-def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int):
+def _batched_leaves(leaves, probe_call: Call | None, n: int) -> list:
+    """Which argument leaves carry the examples first: a leading dimension of n here and,
+    when the probe's call (one example) is known, of 1 there, so that an argument that is
+    not per example (a (T, d) table, an attention mask) is not split even when T = n."""
+    batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
+    if probe_call is None:
+        return batched
+    probe_leaves, _ = tree_flatten((probe_call.args, probe_call.kwargs))
+    if len(probe_leaves) != len(leaves):
+        return batched
+    return [b and isinstance(q, torch.Tensor) and q.dim() > 0 and q.shape[0] == 1
+            for b, q in zip(batched, probe_leaves)]
+
+
+def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
     """{name: (n, c, *shape)} gradients of ``params`` for every example and output."""
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    is_batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
+    is_batched = _batched_leaves(leaves, probe_call, n)
     batched = [t.detach() for t, b in zip(leaves, is_batched) if b]
     positions = call.output_positions
     device = next(iter(params.values())).device  # call.outputs may be shape-only (meta) tensors
@@ -449,12 +464,48 @@ def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int
     return vmap(one_example, in_dims=(None, 0, 0))(params, batched, cots)
 
 
+def _per_example_loop(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
+    """The gradients of ``_per_example_vjp`` from plain autograd, one example and output at a
+    time: the fallback for modules whose vmap rules fail or are wrong (recurrent layers,
+    PReLU under nested vmap in torch 2.x)."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    is_batched = _batched_leaves(leaves, probe_call, n)
+    grads = {name: p.new_zeros((n, c, *p.shape)) for name, p in params.items()}
+    leaf_params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    for i in range(n):
+        rebuilt = [leaf[i:i + 1].detach() if b else leaf for leaf, b in zip(leaves, is_batched)]
+        args, kwargs = tree_unflatten(rebuilt, spec)
+        with torch.enable_grad():
+            out_leaves, _ = tree_flatten(call_with(module, leaf_params, args, kwargs))
+            outs = [out_leaves[j] for j in call.output_positions]
+            for k in range(c):
+                pairs = [(o, g[i:i + 1, k]) for o, g in zip(outs, call.cotangents) if g is not None]
+                per_param = torch.autograd.grad([o for o, _ in pairs], list(leaf_params.values()),
+                                                grad_outputs=[g.reshape(o.shape) for o, g in pairs],
+                                                retain_graph=k + 1 < c, allow_unused=True)
+                for name, g in zip(leaf_params, per_param):
+                    if g is not None:
+                        grads[name][i, k] = g
+    return grads
+
+
+def _has_shapes(grads: dict, params: dict, n: int, c: int) -> bool:
+    return all(tuple(grads[name].shape) == (n, c, *p.shape) for name, p in params.items())
+
+
 def generic_rule(ctx: LayerContext):
     """Any module: per-example vjp of ``functional_call`` of this module alone."""
     params = {name: p.detach() for name, p in ctx.params.items()}
     totals = []
+    probe_calls = ctx.probe_calls if ctx.probe_calls and len(ctx.probe_calls) == len(ctx.calls) else None
     for call in _live_calls_any(ctx):
-        grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c)
+        probe_call = probe_calls[ctx.calls.index(call)] if probe_calls else None
+        try:
+            grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c, probe_call)
+        except (RuntimeError, ValueError, NotImplementedError):
+            grads = None  # no working vmap rule for some op of the module
+        if grads is None or not _has_shapes(grads, params, ctx.n, ctx.c):
+            grads = _per_example_loop(ctx.module, params, call, ctx.n, ctx.c, probe_call)
         totals.append(torch.cat([grads[name].reshape(ctx.n, ctx.c, -1) for name in params], dim=2))
     total = _sum_or_none(totals)
     return [] if total is None else [PerExampleGrads(total)]
