@@ -142,3 +142,24 @@ def test_numpy_integers_and_keyword_inputs_are_accepted():
             return self.inner[2](input=self.inner[1](self.inner[0](input=x)))
 
     torch.testing.assert_close(ft.ntk_gram(KeywordCall(model), x, outputs=1), expected)
+
+
+def test_squeezed_outputs():
+    """A scalar head ending in .squeeze() gives () for one example: read as c = 1. A squeeze
+    that leaves (c,) for one example cannot be read, and the error says why."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    class Squeezed(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).squeeze()
+
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(ft.ntk_gram(Squeezed(head), x), ft.ntk_gram(head, x))
+    with pytest.raises(ValueError, match=r"\(2,\) for a batch of 1.*squeeze\(-1\)"):
+        ft.ntk_gram(Squeezed(nn.Sequential(nn.Linear(3, 2, bias=False).requires_grad_(True),
+                                           nn.Unflatten(1, (1, 2)))), x)

@@ -195,9 +195,13 @@ def as_matrix(out, n: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"the model returned {type(out).__name__}; ntk_gram needs a tensor output of shape "
                         "(n, c); wrap the model so that it returns one")
+    if out.dim() == 0 and n == 1:  # one example through a forward that ends in .squeeze()
+        return out.reshape(1, 1)
     if out.dim() == 0 or out.shape[0] != n:
+        squeeze = (" (ntk_gram runs the model on single examples too, where a .squeeze() in the forward also "
+                   "drops the batch dimension: use .squeeze(-1) or .flatten(1) there)") if n == 1 else ""
         raise ValueError(f"the model output has shape {tuple(out.shape)} for a batch of {n}; it must be (n,) or "
-                         "(n, c); wrap the model so that the first dimension is the batch")
+                         f"(n, c); wrap the model so that the first dimension is the batch{squeeze}")
     return out.reshape(n, -1)
 
 
