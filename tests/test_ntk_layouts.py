@@ -16,9 +16,12 @@ def loop_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = []
     for i in range(x.shape[0]):
         out = model(x[i:i + 1]).reshape(-1)
-        rows.append(torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[a], params,
-                                                                                         retain_graph=True)])
-                                 for a in range(out.shape[0])]))
+        per_output = []
+        for a in range(out.shape[0]):
+            grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
+            per_output.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                         for g, p in zip(grads, params)]))
+        rows.append(torch.stack(per_output))
     J = torch.stack(rows)  # (n, c, p)
     return torch.einsum("iap,jap->ij", J, J)
 
@@ -89,6 +92,102 @@ class Recurrent(nn.Module):
         return self.out(self.rnn(x)[0][:, -1])
 
 
+class RecurrentState(nn.Module):
+    """A one-layer GRU whose final state h_n (layers, n, H) is used: one example cannot show
+    that its first dimension is not the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[1][0])
+
+
+class Twice(nn.Module):
+    """A module without a rule (PReLU) called twice, and a forward pre-hook that scales the
+    input of a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.act, self.out = nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 3)
+        self.out.register_forward_pre_hook(lambda module, args: (2.0 * args[0],))
+
+    def forward(self, x):
+        return self.out(self.act(self.inner(self.act(x))))
+
+
+class LoopKeepingBatchDim(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.cat([torch.tanh(self.inner(x[i:i + 1])) for i in range(x.shape[0])])
+
+
+class VmapInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return torch.func.vmap(self.body)(x)
+
+
+class Hypernetwork(nn.Module):
+    """The target's own weight is swapped out for a generated one (it gets no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.code, self.generator = nn.Parameter(torch.randn(1, 3)), nn.Linear(3, 3 * 4)
+        self.target = nn.Linear(4, 3)
+
+    def forward(self, x):
+        weight = self.generator(self.code).reshape(3, 4)
+        return torch.func.functional_call(self.target, {"weight": weight}, (x,))
+
+
+class DependentOutputs(nn.Module):
+    """A module without a rule returning h and h @ v, both used by the network."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u, self.v = nn.Parameter(torch.randn(4, 4) / 2), nn.Parameter(torch.randn(4, 4) / 2)
+
+        def forward(self, x):
+            h = torch.tanh(x @ self.u)
+            return h, h @ self.v
+
+    def __init__(self):
+        super().__init__()
+        self.pair, self.out = DependentOutputs.Pair(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, y = self.pair(x)
+        return self.out(torch.cat([h, y], dim=1))
+
+
+class ModuleMadeInForward(nn.Module):
+    """A decoder module built inside forward around the embedding's weight."""
+
+    class Decoder(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, h):
+            return torch.nn.functional.linear(h, self.weight)
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.inner = nn.Linear(3, 4), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return ModuleMadeInForward.Decoder(self.embedding.weight)(torch.tanh(self.inner(torch.tanh(x))))
+
+
 CASES = {
     # T = n = 3: the wrong dimension would pass every shape check
     "time_first_T_equals_n": (TimeFirst, (3, 3, 4)),
@@ -101,6 +200,13 @@ CASES = {
               (6, 4)),
     "lstm": (lambda: Recurrent(nn.LSTM), (4, 3, 4)),
     "gru": (lambda: Recurrent(nn.GRU), (4, 3, 4)),
+    "gru_final_state": (RecurrentState, (4, 3, 4)),
+    "module_twice_and_pre_hook": (Twice, (5, 4)),
+    "loop_keeping_batch_dim": (LoopKeepingBatchDim, (5, 4)),
+    "vmap_inside": (VmapInside, (5, 4)),
+    "hypernetwork": (Hypernetwork, (5, 4)),
+    "dependent_outputs": (DependentOutputs, (5, 4)),
+    "module_made_in_forward": (ModuleMadeInForward, (5, 3)),
 }
 
 

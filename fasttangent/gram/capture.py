@@ -36,6 +36,12 @@ class Call:
     a rule keep what it derives from the inputs (e.g. unfolded patches) across the output
     chunks of one block. ``release_outputs`` swaps the outputs for their autograd edges
     (``edges``, what the backward passes need) and shape-only meta tensors.
+
+    ``args``/``kwargs`` are what ``forward`` received; ``raw_args``/``raw_kwargs`` are the
+    arguments of the call before the module's forward pre-hooks, what a rule re-running the
+    whole call (hooks included) must pass. ``hooks_changed``: a hook replaced the arguments
+    or the output, so ``forward`` alone does not describe the call. ``output_shapes``: the
+    shapes of every tensor leaf of the return value (recorded or not).
     """
 
     args: tuple
@@ -44,6 +50,10 @@ class Call:
     output_positions: list
     input_versions: list
     output_versions: list = dataclasses.field(default_factory=list)
+    raw_args: tuple = ()
+    raw_kwargs: dict = dataclasses.field(default_factory=dict)
+    hooks_changed: bool = False
+    output_shapes: list = dataclasses.field(default_factory=list)
     edges: list | None = None
     cotangents: list | None = None
     cache: dict = dataclasses.field(default_factory=dict)
@@ -62,14 +72,24 @@ class Call:
 
     def check_inputs_unmodified(self, module: nn.Module) -> None:
         """Raise if an input was modified in place after the call (its values are then lost)."""
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        tensors = _input_tensors(self.args, self.kwargs, self.raw_args, self.raw_kwargs)
         for tensor, version in zip(tensors, self.input_versions):
             if tensor._version != version:
                 raise RuntimeError(
                     f"the input of {type(module).__name__} was modified in place after the module used it, "
                     "so its recorded value is lost; make that later op out-of-place (e.g. x = x.relu() "
                     "instead of x.relu_(), or inplace=False)")
+
+
+def _input_tensors(*trees) -> list:
+    leaves, _ = tree_flatten(trees)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _same_objects(a, b) -> bool:
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    return spec_a == spec_b and all(x is y for x, y in zip(leaves_a, leaves_b))
 
 
 class Recorder:
@@ -85,9 +105,15 @@ class Recorder:
         self.calls = {m: [] for m in self.modules}
         self.active = True
         self._handles = []
+        self._raw = {m: [] for m in self.modules}  # per module, a stack (recursive calls)
 
     def __enter__(self):
         for module in self.modules:
+            # first among the module's hooks: the arguments before, and the output before
+            # any other hook may replace them
+            self._handles.append(module.register_forward_pre_hook(self._raw_inputs(module), prepend=True,
+                                                                  with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._raw_output(module), prepend=True))
             self._handles.append(module.register_forward_hook(self._hook(module), with_kwargs=True))
         return self
 
@@ -102,22 +128,43 @@ class Recorder:
         return any(t._version != v for calls in self.calls.values() for call in calls
                    for t, v in zip(call.outputs, call.output_versions))
 
+    def _raw_inputs(self, module):
+        def pre_hook(mod, args, kwargs):
+            self._raw[module].append([args, kwargs, None])
+        return pre_hook
+
+    def _raw_output(self, module):
+        def hook(mod, args, output):
+            if self._raw[module]:
+                self._raw[module][-1][2] = output
+        return hook
+
     def _hook(self, module):
         def hook(mod, args, kwargs, output):
+            raw_args, raw_kwargs, raw_output = self._raw[module].pop() if self._raw[module] else (args, kwargs, output)
             if not self.active:
                 return None
             out_leaves, out_spec = tree_flatten(output)
             positions = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+            out_leaves = list(out_leaves)
+            if len(positions) > 1:
+                # Outputs may depend on each other (h and h @ v): the cotangent of the original
+                # h would also carry the path through the other output, which the rule counts
+                # once more. Recorded: clones that only the rest of the network uses.
+                for i in positions:
+                    out_leaves[i] = out_leaves[i].clone()
             recorded = [out_leaves[i] for i in positions]
-            in_leaves, _ = tree_flatten((args, kwargs))
-            versions = [t._version for t in in_leaves if isinstance(t, torch.Tensor)]
-            self.calls[module].append(Call(args=args, kwargs=kwargs, outputs=recorded, output_positions=positions,
-                                           input_versions=versions, output_versions=[t._version for t in recorded]))
-            if not self.clone_outputs:
-                return None
-            replaced = list(out_leaves)
-            for i in positions:
-                replaced[i] = out_leaves[i].clone()
-            return tree_unflatten(replaced, out_spec)
+            clone = self.clone_outputs or len(positions) > 1
+            if self.clone_outputs:  # the network gets its own copies (see the module docstring)
+                for i in positions:
+                    out_leaves[i] = out_leaves[i].clone()
+            versions = [t._version for t in _input_tensors(args, kwargs, raw_args, raw_kwargs)]
+            changed = output is not raw_output or not _same_objects((args, kwargs), (raw_args, raw_kwargs))
+            self.calls[module].append(Call(
+                args=args, kwargs=kwargs, outputs=recorded, output_positions=positions, input_versions=versions,
+                output_versions=[t._version for t in recorded], raw_args=raw_args, raw_kwargs=raw_kwargs,
+                hooks_changed=changed,
+                output_shapes=[tuple(t.shape) for t in out_leaves if isinstance(t, torch.Tensor)]))
+            return tree_unflatten(out_leaves, out_spec) if clone else None
 
         return hook

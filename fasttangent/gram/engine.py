@@ -314,8 +314,12 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
         stacks = uses.get(id(p), [])
         # one module reached by several paths (self.b = self.a) is still one holder
         single = len({id(modules[m]) for m in mod_names}) == 1 and modules[mod_names[0]] in called
+        if single and not stacks and any(id(q) in uses for q in modules[mod_names[0]].parameters(recurse=False)):
+            continue  # never used although its module was (swapped out, e.g. by a hypernetwork): no gradient
         if single and any(all(m is not modules[mod_names[0]] for m in stack) for stack in stacks):
             single = False  # used outside its holder's calls
+        # modules created inside forward are not the model's: only its own can own
+        stacks = [tuple(m for m in stack if id(m) in names) for stack in stacks]
         common = _deepest_common(stacks) if stacks and not single else None
         if common is not None:
             owner_name = names[id(common)]
@@ -338,36 +342,44 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
     return owners, generic
 
 
-def _batch_first(calls, structured: bool) -> bool:
-    """Whether the probe's calls (one example) of a module carry the example index first:
-    every output, and for a structured rule the input, has a leading dimension of 1."""
+def _batch_first(calls, structured: bool, n: int = 1) -> bool:
+    """Whether the calls of a module on a batch of n examples (the probe: n = 1) carry the
+    example index first: every output, and for a structured rule the input, has a leading
+    dimension of n."""
     for call in calls:
-        if any(out.dim() == 0 or out.shape[0] != 1 for out in call.outputs):
+        if any(len(shape) == 0 or shape[0] != n for shape in call.output_shapes):
             return False
         first = call.inputs[0] if call.inputs else None
-        if structured and isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != 1):
+        if structured and isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != n):
             return False
     return True
 
 
-def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set, calls: dict, rule) -> None:
+def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set, calls: dict, rule,
+                                   n: int = 1) -> bool:
     """Give the parameters of an owner whose calls do not carry the example index first
-    (a time-first sequence layer, a layer on a reshaped (n·T, d) batch or on prototypes, a
-    per-example loop inside the forward) to its nearest ancestor whose calls do, on the
-    generic rule; the rules would otherwise take the wrong dimension for the examples."""
+    (a time-first sequence layer, a layer on a reshaped (n·T, d) batch, on prototypes or on
+    part of the batch, a per-example loop inside the forward, a recurrent layer's (layers,
+    n, H) state) to its nearest ancestor whose calls do (the model itself when no recorded
+    one does), on the generic rule; the rules would otherwise take the wrong dimension for
+    the examples. ``calls``: the recorded calls of a forward pass over n examples. Returns
+    whether an owner was lifted."""
     names = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
     modules = dict(model.named_modules(remove_duplicate=False))
+    lifted = False
     for module in list(owners):
         structured = rule(module) is not generic_rule
-        if _batch_first(calls.get(module, []), structured):
+        if _batch_first(calls.get(module, []), structured, n):
             continue
+        lifted = True
         name = names[id(module)]
         ancestor = name
         while ancestor:
             ancestor = ancestor.rpartition(".")[0]
-            if modules[ancestor] in calls and calls[modules[ancestor]] and _batch_first(calls[modules[ancestor]], False):
+            ancestor_calls = calls.get(modules[ancestor])
+            if ancestor_calls and _batch_first(ancestor_calls, False, n):
                 break
         params = owners.pop(module)
         generic.discard(module)
@@ -375,6 +387,7 @@ def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set,
         target = owners.setdefault(modules[ancestor], {})
         target.update({f"{prefix}.{rel}" if prefix else rel: p for rel, p in params.items()})
         generic.add(modules[ancestor])
+    return lifted
 
 
 def _tensor_bytes(tree) -> int:
@@ -421,8 +434,6 @@ class GramEngine:
     def probe(self, x: torch.Tensor) -> int:
         """Forward one example: find which modules are called, set ownership, record the
         calls' shapes for ``plan``; return the number of model outputs c."""
-        # modules whose own hooks may change what they compute: the rules would not see it
-        hooked = {m for m in self.model.modules() if m._forward_hooks or m._forward_pre_hooks}
         called = set()
         handles = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in self.model.modules()]
         candidates = list(self.model.modules())  # every call, for the batch-first check of ancestors
@@ -458,7 +469,9 @@ class GramEngine:
         self.owners, self.generic = plan_ownership(self.model, called, uses.uses)
         for module, params in self.owners.items():
             known = getattr(rule_for(module), "parameter_names", None)
-            if module in hooked or (known is not None and not set(params) <= known):
+            # a hook that replaced the arguments or the output: forward alone does not describe the call
+            hooks_changed = any(call.hooks_changed for call in rec.calls.get(module, []))
+            if hooks_changed or (known is not None and not set(params) <= known):
                 self.generic.add(module)
         _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule)
         self._probe_calls = rec.calls
@@ -612,6 +625,11 @@ class GramEngine:
         rec.active = False
         if rec.outputs_modified():
             self.clone_outputs = True
+            del rec, f
+            return self._record(x)
+        # what one example could not show (a state of shape (layers, n, H), a layer on part
+        # of the batch): an owner whose calls here do not have the n examples first is lifted
+        if n > 1 and _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule, n):
             del rec, f
             return self._record(x)
         check_finite(f.detach())

@@ -432,7 +432,7 @@ def _batched_leaves(leaves, probe_call: Call | None, n: int) -> list:
     batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
     if probe_call is None:
         return batched
-    probe_leaves, _ = tree_flatten((probe_call.args, probe_call.kwargs))
+    probe_leaves, _ = tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))
     if len(probe_leaves) != len(leaves):
         return batched
     return [b and isinstance(q, torch.Tensor) and q.dim() > 0 and q.shape[0] == 1
@@ -441,7 +441,7 @@ def _batched_leaves(leaves, probe_call: Call | None, n: int) -> list:
 
 def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
     """{name: (n, c, *shape)} gradients of ``params`` for every example and output."""
-    leaves, spec = tree_flatten((call.args, call.kwargs))
+    leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
     is_batched = _batched_leaves(leaves, probe_call, n)
     batched = [t.detach() for t, b in zip(leaves, is_batched) if b]
     positions = call.output_positions
@@ -468,7 +468,7 @@ def _per_example_loop(module: nn.Module, params: dict, call: Call, n: int, c: in
     """The gradients of ``_per_example_vjp`` from plain autograd, one example and output at a
     time: the fallback for modules whose vmap rules fail or are wrong (recurrent layers,
     PReLU under nested vmap in torch 2.x)."""
-    leaves, spec = tree_flatten((call.args, call.kwargs))
+    leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
     is_batched = _batched_leaves(leaves, probe_call, n)
     grads = {name: p.new_zeros((n, c, *p.shape)) for name, p in params.items()}
     leaf_params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
@@ -499,7 +499,8 @@ def generic_rule(ctx: LayerContext):
     totals = []
     probe_calls = ctx.probe_calls if ctx.probe_calls and len(ctx.probe_calls) == len(ctx.calls) else None
     for call in _live_calls_any(ctx):
-        probe_call = probe_calls[ctx.calls.index(call)] if probe_calls else None
+        # by identity: Call is a dataclass, whose == would compare tensors
+        probe_call = probe_calls[next(i for i, c in enumerate(ctx.calls) if c is call)] if probe_calls else None
         try:
             grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c, probe_call)
         except (RuntimeError, ValueError, NotImplementedError):
