@@ -35,7 +35,7 @@ demo: $(STAMP)
 # nngeometry 0.4 is the second baseline; --no-deps keeps the installed torch
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps nngeometry==0.4
-	$(PY) bench/ntk_gram.py
+	$(PY) bench/ntk_gram.py --cap-seconds 240 --repeats 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

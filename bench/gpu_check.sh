@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check of fasttangent on a CUDA machine (sized for an H200 lease: < 8 min).
+# One-shot GPU check of fasttangent on a CUDA machine (sized for an H200 lease: no step starts after
+# GPU_CHECK_BUDGET_S = 420 s and step timeouts shrink to fit it, so about 8 min at most).
 #
 #   bench/gpu_check.sh [--dry-run] [--out DIR]
 #

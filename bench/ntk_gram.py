@@ -305,8 +305,26 @@ def write_cpu_table(rows, args, skipped, wall_s: float) -> None:
     lines += ["", "Targets: " + "; ".join(verdicts) + "."]
     text = "\n".join(lines) + "\n"
     print(text)
+    notes = _hand_notes(args.out)
     with open(args.out, "w") as f:
         f.write(text)
+        if notes:
+            f.write("\n(The notes below are kept from the previous file and describe an earlier run; "
+                    "check them against the table above.)\n\n" + notes)
+
+
+# hand-written notes below the table start with this; a new run keeps them
+NOTES_HEADING = "Notes (written by hand"
+
+
+def _hand_notes(path: str) -> str:
+    """The hand-written notes (from their heading on) of an existing results file, or ''."""
+    try:
+        text = open(path).read()
+    except OSError:
+        return ""
+    at = text.find(NOTES_HEADING)
+    return text[at:] if at >= 0 else ""
 
 
 SPEED_TARGETS = {"mlp": 25.0, "cnn": 3.0}

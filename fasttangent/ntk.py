@@ -25,15 +25,17 @@ def ntk_gram(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None,
     ``requires_grad``; the model maps (n, ...) to (n, c) (an output (n,) is c = 1).
 
     Args:
-        model: an ``nn.Module`` in which examples are independent (BatchNorm in eval
-            mode). Modules with a registered rule (Linear, Conv1d/2d, BatchNorm,
-            LayerNorm, GroupNorm; see ``fasttangent.gram.register_rule``) use structured
-            formulas; other parameter owners use per-example torch.func.
+        model: an ``nn.Module`` in which examples are independent and deterministic
+            (BatchNorm and Dropout in eval mode: call ``model.eval()``). Modules with a
+            registered rule (Linear, Conv1d/2d, BatchNorm, LayerNorm, GroupNorm; see
+            ``fasttangent.gram.register_rule``) use structured formulas; other parameter
+            owners use per-example torch.func.
         x1: (n1, ...) inputs.
         x2: (n2, ...) inputs with the same trailing shape, or None for x2 = x1 (then only
             block pairs b1 <= b2 are computed and the rest mirrored).
         outputs: "trace" -> (n1, n2) Σ_a K[:, :, a, a]; "full" -> (n1, n2, c, c);
-            an int k -> (n1, n2) K[:, :, k, k] (one backward pass instead of c).
+            an int k in [0, c) -> (n1, n2) K[:, :, k, k] (one backward pass instead of c;
+            negative indices are refused, as an easy off-by-one).
         backend: "auto" | "torch" | "triton" | "cuda", passed to the Gram ops of
             ``fasttangent.kernels``.
         block_size: examples per block; None picks the largest block whose estimated

@@ -529,7 +529,7 @@ def train(config: TrainConfig, task: Task, callback: Callable[[dict], None] | No
                 rows.append(row)
                 with log_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{loss_average:.4f}", **{m[:4]: f"{v:.3f}" for m, v in row["metrics"].items()})
+                bar.set_postfix(loss=f"{loss_average:.4f}", **{_SHORT_NAMES.get(m, m): f"{v:.3f}" for m, v in row["metrics"].items()})
                 if callback is not None:
                     callback(row)
             if finished:
@@ -559,6 +559,9 @@ def _open_checkpoint(config: TrainConfig, out: Path) -> dict:
         raise ValueError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
                          "use another --out, delete the directory, or pass --resume=false to start over")
     return checkpoint
+
+
+_SHORT_NAMES = {"sign_similarity": "signs", "ntk_alignment": "ntk", "repr_alignment": "repr"}  # progress bar
 
 
 def _make_probe(net: AlphaScaled, data: _Data, config: TrainConfig):

@@ -163,3 +163,11 @@ def test_squeezed_outputs():
     with pytest.raises(ValueError, match=r"\(2,\) for a batch of 1.*squeeze\(-1\)"):
         ft.ntk_gram(Squeezed(nn.Sequential(nn.Linear(3, 2, bias=False).requires_grad_(True),
                                            nn.Unflatten(1, (1, 2)))), x)
+
+
+def test_dropout_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Dropout '1' is in training mode.*model\.eval\(\)"):
+        ft.ntk_gram(model, torch.randn(4, 3))
+    ft.ntk_gram(model.eval(), torch.randn(4, 3))
+    ft.ntk_gram(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), nn.Linear(4, 2)), torch.randn(4, 3))  # p = 0

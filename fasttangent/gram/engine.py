@@ -134,6 +134,9 @@ def check_model(model: nn.Module) -> None:
         raise ValueError("no parameter of the model requires grad, so the NTK (over trainable parameters) is "
                          "empty; call requires_grad_(True) on the parameters to include")
     for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            raise ValueError(f"{type(module).__name__} {name!r} is in training mode: its random masks make every "
+                             "forward pass, and so the Gram, random (and not symmetric); call model.eval() first")
         if isinstance(module, _NORM_TYPES):
             if module.training:
                 raise ValueError(f"BatchNorm {name or type(module).__name__!r} is in training mode: batch statistics "

@@ -83,7 +83,8 @@ def run(exp_id: str, description: str, argv, figures: Callable[[list, TrainConfi
     summary = figures(rows, config, figure_dir)
     (Path(config.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
-    print(f"log: {Path(config.out) / 'log.jsonl'}; figures and summary in {figure_dir}")
+    print(f"log: {Path(config.out) / 'log.jsonl'}; summary: {Path(config.out) / 'summary.json'}; "
+          f"figures in {figure_dir}")
     return 0
 
 
