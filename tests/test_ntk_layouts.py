@@ -210,6 +210,16 @@ CASES = {
 }
 
 
+def test_sparse_embedding_matches_its_dense_twin():
+    torch.manual_seed(0)
+    sparse = nn.Sequential(nn.Embedding(7, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2)).double()
+    dense = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    dense.load_state_dict(sparse.state_dict())
+    tokens = torch.randint(0, 7, (4, 2))
+    reference = loop_reference(dense, tokens)
+    assert ((ft.ntk_gram(sparse, tokens) - reference).norm() / reference.norm()).item() < 1e-10
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_loop_reference(name, dtype):

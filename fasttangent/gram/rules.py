@@ -484,8 +484,8 @@ def _per_example_loop(module: nn.Module, params: dict, call: Call, n: int, c: in
                                                 grad_outputs=[g.reshape(o.shape) for o, g in pairs],
                                                 retain_graph=k + 1 < c, allow_unused=True)
                 for name, g in zip(leaf_params, per_param):
-                    if g is not None:
-                        grads[name][i, k] = g
+                    if g is not None:  # sparse for nn.Embedding(sparse=True)
+                        grads[name][i, k] = g.to_dense() if g.layout != torch.strided else g
     return grads
 
 
