@@ -358,8 +358,8 @@ def test_cost_model_prefers_each_form_where_it_is_cheaper():
 def _two_regime_cnn():
     torch.manual_seed(3)
     return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),       # T = 256, tiny weight
-                         nn.AvgPool2d(8), nn.Conv2d(2, 64, 2), nn.ReLU(),  # T = 1, large weight
-                         nn.Flatten(), nn.Linear(64, 2)).eval()
+                         nn.AvgPool2d(8), nn.Conv2d(2, 256, 2), nn.ReLU(),  # T = 1, large weight
+                         nn.Flatten(), nn.Linear(256, 2)).eval()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -369,7 +369,7 @@ def test_both_conv_forms_are_chosen_and_agree(dtype):
     engine = GramEngine(model, full=False, selected=[0, 1], backend="auto", memory_budget=1 << 30,
                         conv_form="auto")
     engine.probe(x1)
-    engine.plan(3, 2, 2)
+    engine.plan(64, 64, 2)  # a realistic block: at n = 3 every form's fixed cost dominates
     conv_forms = {type(m).__name__ + str(i): form for i, (m, form) in enumerate(engine.forms.items())
                   if isinstance(m, nn.Conv2d)}
     assert sorted(conv_forms.values()) == [FACTORED, MATERIALIZED]
@@ -681,3 +681,10 @@ def test_parametrized_layers_weight_norm_and_orthogonal():
         assert rel_error(ft.ntk_gram(model, x1, outputs=outputs), select(ref_self, outputs)) < 1e-5
     root = weight_norm(nn.Linear(4, 2))  # parametrized at the root of the model
     assert rel_error(ft.ntk_gram(root, x1), select(reference_full(root, x1, x1), "trace")) < 1e-5
+
+
+def test_cost_model_counts_the_fixed_cost_of_each_group_term():
+    """A depthwise conv with many groups on a tiny map: the factored form has one term per
+    group and output, the materialized form one batched matmul, so materialized wins."""
+    depthwise_on_1x1 = PatchShape(positions=1, d_in=25, d_out=1, groups=1152)
+    assert choose_form(depthwise_on_1x1, 8, 8, 10, full=False, budget_elements=1e9) == MATERIALIZED

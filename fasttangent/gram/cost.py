@@ -7,6 +7,7 @@ model output k. Two exact ways to get its Gram term, per group of a grouped conv
 
 factored      K[i, j] += Σ_k ⟨Aᵢ Aⱼᵀ, Gᵢₖ Gⱼₖᵀ⟩_F
               MACs   ≈ n₁ n₂ T² (d_in + c d_out) + 2 n₁ n₂ T²      (+ n₁ n₂ T c² d_out for "full")
+                       + c · TERM_OVERHEAD_MACS (the fixed cost of a term)
               memory ≈ 2 n₁ n₂ T² elements (the two T×T products of every pair;
                        + n₁ n₂ c T d_out for "full")
 materialized  Jᵢₖ = Gᵢₖᵀ Aᵢ (a batched matmul), then K += J₁ J₂ᵀ
@@ -23,6 +24,12 @@ whose memory fits the budget; when neither fits, the smaller in memory.
 from __future__ import annotations
 
 import dataclasses
+
+# Fixed cost of one factored term (Python, dispatch, small-kernel launches), in
+# multiply-adds: about 50 µs at ~50 GMAC/s. A grouped conv's factored form has one term
+# per group and output, its materialized form one batched matmul: without this, a
+# depthwise conv with 1152 groups on a 1×1 map picked factored and ran 30× slower.
+TERM_OVERHEAD_MACS = 2.5e6
 
 FACTORED = "factored"
 MATERIALIZED = "materialized"
@@ -55,7 +62,7 @@ def factored_cost(shape: PatchShape, n1: int, n2: int, c: int, full: bool) -> Fo
     if full:
         macs += n1 * n2 * shape.positions * c * c * shape.d_out
         elements += n1 * n2 * shape.positions * c * shape.d_out
-    return FormCost(macs=shape.groups * macs, elements=elements)
+    return FormCost(macs=shape.groups * (macs + c * TERM_OVERHEAD_MACS), elements=elements)
 
 
 def materialized_cost(shape: PatchShape, n1: int, n2: int, c: int, full: bool) -> FormCost:

@@ -423,7 +423,8 @@ class GramEngine:
         self.input_bytes_per_example = 0.0
         self.largest_patch_bytes_per_example = 0.0
         self.block = None  # planned examples per block (set by compute_gram)
-        self.input_grams = {}  # dense layers' input Grams, kept across the outputs of one pass
+        # dense layers' input Grams (and their total bytes), kept across the outputs of one pass
+        self.input_grams, self.input_gram_bytes = {}, 0
         self.saved_bytes_per_example = 0  # what autograd saves in the forward pass (set by probe)
 
     @property
@@ -708,7 +709,7 @@ class GramEngine:
         rec, f = self._record(x)
         owners = list(self.owners)
         handles, deferred = [], []
-        self.input_grams = {}
+        self.input_grams, self.input_gram_bytes = {}, 0
         keep_patches = self._keeps_patches(n)
         try:
             for index, module in enumerate(owners):
@@ -741,7 +742,7 @@ class GramEngine:
         finally:
             for handle in handles:
                 handle.remove()
-            self.input_grams = {}
+            self.input_grams, self.input_gram_bytes = {}, 0
         return K
 
     def _stream_hook(self, rec, index, module, call, position, immediate, K, split, keep_patches):
@@ -776,9 +777,10 @@ class GramEngine:
         AA = self.input_grams.get(key)
         if AA is None:
             AA = A1.to(K.dtype) @ A2.to(K.dtype).T
-            kept = sum(t.numel() * t.element_size() for t in self.input_grams.values())
-            if kept + AA.numel() * AA.element_size() <= self.term_bytes:
+            size = AA.numel() * AA.element_size()
+            if self.input_gram_bytes + size <= self.term_bytes:  # a running total: many groups
                 self.input_grams[key] = AA
+                self.input_gram_bytes += size
         K += AA * (G1.to(K.dtype) @ G2.to(K.dtype).T)
 
     # -- a pair of blocks -----------------------------------------------------------
