@@ -170,7 +170,7 @@ def check_inputs(x1, x2) -> None:
 
 def _as_index(value):
     """An int-like option (Python or numpy integer, not bool) as int; other values unchanged."""
-    if isinstance(value, bool) or isinstance(value, str) or value is None:
+    if isinstance(value, (bool, str)) or value is None:
         return value
     try:
         return operator.index(value)
@@ -279,6 +279,15 @@ class ParameterUses(TorchFunctionMode):
         return out
 
 
+def _module_names(model: nn.Module) -> tuple:
+    """({dotted name: module} over every path, {id(module): its first dotted name})."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    names = {}
+    for name, module in modules.items():
+        names.setdefault(id(module), name)
+    return modules, names
+
+
 def _deepest_common(stacks) -> nn.Module | None:
     """The innermost module call active at every one of the given stacks (root first)."""
     common = None
@@ -299,10 +308,7 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
     weight shared by two modules) belongs to the innermost module call active at all of its
     uses, on the generic rule."""
     uses = uses or {}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    names = {}
-    for name, module in modules.items():
-        names.setdefault(id(module), name)
+    modules, names = _module_names(model)
     users = {}
     for mod_name, module in modules.items():
         for p_name, p in module.named_parameters(recurse=False):
@@ -367,10 +373,7 @@ def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set,
     one does), on the generic rule; the rules would otherwise take the wrong dimension for
     the examples. ``calls``: the recorded calls of a forward pass over n examples. Returns
     whether an owner was lifted."""
-    names = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), name)
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules, names = _module_names(model)
     lifted = False
     for module in list(owners):
         structured = rule(module) is not generic_rule

@@ -503,7 +503,7 @@ def generic_rule(ctx: LayerContext):
         probe_call = probe_calls[next(i for i, c in enumerate(ctx.calls) if c is call)] if probe_calls else None
         try:
             grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c, probe_call)
-        except (RuntimeError, ValueError, NotImplementedError):
+        except (RuntimeError, ValueError):  # NotImplementedError is a RuntimeError
             grads = None  # no working vmap rule for some op of the module
         if grads is None or not _has_shapes(grads, params, ctx.n, ctx.c):
             grads = _per_example_loop(ctx.module, params, call, ctx.n, ctx.c, probe_call)
