@@ -498,12 +498,13 @@ def generic_rule(ctx: LayerContext):
     params = {name: p.detach() for name, p in ctx.params.items()}
     totals = []
     probe_calls = ctx.probe_calls if ctx.probe_calls and len(ctx.probe_calls) == len(ctx.calls) else None
-    for call in _live_calls_any(ctx):
-        # by identity: Call is a dataclass, whose == would compare tensors
-        probe_call = probe_calls[next(i for i, c in enumerate(ctx.calls) if c is call)] if probe_calls else None
+    for index, call in enumerate(ctx.calls):
+        if not _is_live(call):
+            continue
+        probe_call = probe_calls[index] if probe_calls else None
         try:
             grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c, probe_call)
-        except (RuntimeError, ValueError):  # NotImplementedError is a RuntimeError
+        except (RuntimeError, ValueError):  # also ops without a batching rule
             grads = None  # no working vmap rule for some op of the module
         if grads is None or not _has_shapes(grads, params, ctx.n, ctx.c):
             grads = _per_example_loop(ctx.module, params, call, ctx.n, ctx.c, probe_call)
@@ -512,9 +513,9 @@ def generic_rule(ctx: LayerContext):
     return [] if total is None else [PerExampleGrads(total)]
 
 
-def _live_calls_any(ctx: LayerContext):
-    """Calls with at least one output reaching the model output (multi-output modules)."""
-    return [call for call in ctx.calls if call.cotangents and any(g is not None for g in call.cotangents)]
+def _is_live(call: Call) -> bool:
+    """Whether at least one output of the call reaches the model output (multi-output modules)."""
+    return bool(call.cotangents) and any(g is not None for g in call.cotangents)
 
 
 # the parameters the structured rules know; a module of these types holding any other
