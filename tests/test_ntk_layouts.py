@@ -8,22 +8,7 @@ import torch
 from torch import nn
 
 import fasttangent as ft
-
-
-def loop_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Trace Gram Σ_a J_a J_aᵀ (n, n) from per-example, per-output autograd gradients."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        out = model(x[i:i + 1]).reshape(-1)
-        per_output = []
-        for a in range(out.shape[0]):
-            grads = torch.autograd.grad(out[a], params, retain_graph=True, allow_unused=True)
-            per_output.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                                         for g, p in zip(grads, params)]))
-        rows.append(torch.stack(per_output))
-    J = torch.stack(rows)  # (n, c, p)
-    return torch.einsum("iap,jap->ij", J, J)
+from references import loop_reference
 
 
 class TimeFirst(nn.Module):

@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_flatten
 from .. import kernels
 from .capture import Recorder
 from .cost import FORMS, choose_form
+from .ops import OpRouter, ParameterOp, calls_are_per_example, parameter_groups
 from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, rule_for
 
 CPU_MEMORY_BUDGET = 256 << 20  # when the available host memory cannot be read
@@ -253,6 +254,7 @@ class ParameterUses(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.stack, self.uses = [], {}
+        self.together = []  # per use, the ids of the parameters the op uses together
         self._handles = []
 
     def __enter__(self):
@@ -276,6 +278,7 @@ class ParameterUses(TorchFunctionMode):
         if params and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
             for p in params:
                 self.uses.setdefault(id(p), []).append(tuple(self.stack))
+            self.together.append(tuple(id(p) for p in params))
         return out
 
 
@@ -376,6 +379,11 @@ def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set,
     modules, names = _module_names(model)
     lifted = False
     for module in list(owners):
+        if isinstance(module, ParameterOp):
+            if not calls_are_per_example(module, calls.get(module, []), n):
+                module.restore(owners, generic)  # its fallback owners are checked on the next pass
+                lifted = True
+            continue
         structured = rule(module) is not generic_rule
         if _batch_first(calls.get(module, []), structured, n):
             continue
@@ -394,6 +402,12 @@ def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set,
         target.update({f"{prefix}.{rel}" if prefix else rel: p for rel, p in params.items()})
         generic.add(modules[ancestor])
     return lifted
+
+
+def _differentiates(rule) -> bool:
+    """Whether a rule runs torch.func on recorded calls (the generic rule, ``op_rule``): it
+    needs grad mode, all of a pass's cotangents, and room for per-example gradients."""
+    return rule is generic_rule or getattr(rule, "needs_grad", False)
 
 
 def _tensor_bytes(tree) -> int:
@@ -482,7 +496,41 @@ class GramEngine:
                 self.generic.add(module)
         _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule)
         self._probe_calls = rec.calls
+        self._own_by_ops(x, uses.together)
         return as_matrix(out, 1).shape[1]
+
+    def _own_by_ops(self, x: torch.Tensor, together: list) -> None:
+        """Move the parameters of generic-rule owners to ``ParameterOp`` owners, one per group
+        of parameters used together by some op (see ``ops``), and keep the groups whose ops
+        give the examples first in a second one-example forward pass; an owner left without
+        parameters is dropped."""
+        candidates = {id(p): (module, rel, p) for module, params in self.owners.items()
+                      if self.rule(module) is generic_rule for rel, p in params.items()}
+        if not candidates:
+            return
+        ops = []
+        for group in parameter_groups(candidates, together):
+            params = {f"p{i}": candidates[pid][2] for i, pid in enumerate(group)}
+            fallback = {f"p{i}": candidates[pid][:2] for i, pid in enumerate(group)}
+            for module, rel in fallback.values():
+                del self.owners[module][rel]
+            op = ParameterOp(params, fallback)
+            self.owners[op] = dict(op.named_parameters())
+            ops.append(op)
+        for module in [m for m, params in self.owners.items() if not params]:
+            del self.owners[module]
+            self.generic.discard(module)
+        with Recorder(ops) as rec, torch.enable_grad(), OpRouter(ops):
+            self.model(x[:1].detach())
+        for op in ops:
+            if not calls_are_per_example(op, rec.calls[op], 1):
+                op.restore(self.owners, self.generic)
+        self._probe_calls.update(rec.calls)
+
+    def _op_router(self):
+        """Routes the ops of the ``ParameterOp`` owners during a recorded forward pass."""
+        ops = [m for m in self.owners if isinstance(m, ParameterOp)]
+        return OpRouter(ops) if ops else contextlib.nullcontext()
 
     def one_pass_bytes(self, n: int) -> float:
         """Estimated peak bytes of ``stream_gram`` over n examples (``plan`` must have run):
@@ -501,7 +549,7 @@ class GramEngine:
             calls = self._probe_calls.get(module, [])
             if not self._immediate(module, calls):
                 deferred += sum(_tensor_bytes(call.outputs) for call in calls)
-            if self.rule(module) is generic_rule:
+            if _differentiates(self.rule(module)):
                 generic = max(generic, sum(p.numel() * p.element_size() for p in params.values()))
         patches = self._patch_bytes_kept(n) if self._keeps_patches(n) else n * self.largest_patch_bytes_per_example
         forward = n * (saved + sum(outputs))
@@ -512,7 +560,7 @@ class GramEngine:
     def _immediate(self, module, calls) -> bool:
         """Whether ``stream_gram`` builds this owner's terms inside its hook (one call, one
         output, a structured rule) rather than after the pass."""
-        return self.rule(module) is not generic_rule and len(calls) == 1 and len(calls[0].outputs) == 1
+        return not _differentiates(self.rule(module)) and len(calls) == 1 and len(calls[0].outputs) == 1
 
     def _patch_bytes_kept(self, n: int) -> float:
         return n * self.input_bytes_per_example
@@ -627,7 +675,8 @@ class GramEngine:
         are cloned only for models that modify them in place (see ``capture``), found out
         on the first block and remembered."""
         n = x.shape[0]
-        with Recorder(self.owners, clone_outputs=self.clone_outputs) as rec, torch.enable_grad():
+        with Recorder(self.owners, clone_outputs=self.clone_outputs) as rec, torch.enable_grad(), \
+                self._op_router():
             f = as_matrix(self.model(x), n)
         rec.active = False
         if rec.outputs_modified():
@@ -649,7 +698,7 @@ class GramEngine:
                            probe_calls=self._probe_calls.get(module),
                            form=self.forms.get(module), block=self.block, term_bytes=self.term_bytes)
         rule = self.rule(module)
-        mode = torch.enable_grad if rule is generic_rule else torch.no_grad
+        mode = torch.enable_grad if _differentiates(rule) else torch.no_grad
         with mode():
             terms = iter(rule(ctx))
         for t_index in itertools.count():

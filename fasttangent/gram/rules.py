@@ -429,7 +429,9 @@ def _batched_leaves(leaves, probe_call: Call | None, n: int) -> list:
     """Which argument leaves carry the examples first: a leading dimension of n here and,
     when the probe's call (one example) is known, of 1 there, so that an argument that is
     not per example (a (T, d) table, an attention mask) is not split even when T = n."""
-    batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
+    # a parameter passed as an argument is never per example, whatever its leading size
+    batched = [isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() > 0 and t.shape[0] == n
+               for t in leaves]
     if probe_call is None:
         return batched
     probe_leaves, _ = tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))

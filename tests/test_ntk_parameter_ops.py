@@ -1,0 +1,209 @@
+"""Parameters used directly by ops (class tokens, position embeddings, layer scales, tied
+decoders): ft.ntk_gram owns them by their ops (``gram.ops``) instead of running a whole
+module on the generic rule. Checked against plain-autograd references, with the ownership
+each model should get."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fasttangent as ft
+from fasttangent.gram.engine import GramEngine
+from fasttangent.gram.ops import ParameterOp
+from references import loop_jacobian
+
+
+class TokenModel(nn.Module):
+    """ViT-style: a class token expanded over the batch and concatenated, a position
+    embedding added, a layer scale, a head on the class token."""
+
+    def __init__(self, d=6, tokens=3):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.class_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, d))
+        self.mix = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.randn(d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # x (n, tokens, 4)
+        h = self.embed(x)
+        h = torch.cat([self.class_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        h = h + self.scale * torch.tanh(self.mix(h))
+        return self.head(self.norm(h)[:, 0])
+
+
+class ConvLayerScale(nn.Module):
+    """ConvNeXt-style: a per-channel scale (C, 1, 1) times a conv branch, added back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GELU())
+        self.layer_scale = nn.Parameter(torch.randn(4, 1, 1))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.layer_scale * self.branch(h)
+        return self.head(h.mean((2, 3)))
+
+
+class TiedDecoder(nn.Module):
+    """A decoder tied to the embedding through F.linear (the same weight in two ops)."""
+
+    def __init__(self, vocab=7, d=5):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, tokens):  # (n, T) -> (n, vocab)
+        h = torch.tanh(self.mix(self.embedding(tokens))).mean(1)
+        return F.linear(h, self.embedding.weight)
+
+
+class ScaledWeight(nn.Module):
+    """The weight is rescaled before the conv: the op using it (w * s) does not see the
+    examples, so these parameters stay with the module on the generic rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 2, 3, 3))
+        self.gain = nn.Parameter(torch.randn(3, 1, 1, 1))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = F.conv2d(x, self.weight * self.gain, padding=1)
+        return self.head(torch.tanh(h).mean((2, 3)))
+
+
+class InPlaceScale(nn.Module):
+    """``h.mul_(gain)`` overwrites the op's input: its value is lost, so the op cannot own gain."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+        self.gain = nn.Parameter(torch.randn(5))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return self.head(torch.tanh(h.mul_(self.gain)))
+
+
+class SlicedPositions(nn.Module):
+    """``pos[:, :T]``: the op using pos returns one table for all examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+        self.pos = nn.Parameter(torch.randn(1, 6, 5))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):  # (n, T, 4), T < 6
+        h = self.inner(x) + self.pos[:, :x.shape[1]]
+        return self.head(torch.tanh(h).mean(1))
+
+
+class TwoOpsOneParameter(nn.Module):
+    """One parameter used by two ops, one of them without per-example arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+        self.g = nn.Parameter(torch.randn(1, 3))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.sin(self.inner(x) * self.g)
+        return self.head(torch.cat([h, self.g.expand(x.shape[0], -1) ** 2], dim=1))
+
+
+CASES = {
+    # name: (model factory, input factory, ParameterOp owners expected, generic modules expected)
+    "tokens": (TokenModel, lambda n: torch.randn(n, 3, 4, dtype=torch.float64), 3, 0),
+    "conv_layer_scale": (ConvLayerScale, lambda n: torch.randn(n, 2, 5, 5, dtype=torch.float64), 1, 0),
+    "tied_decoder": (TiedDecoder, lambda n: torch.randint(0, 7, (n, 4)), 1, 0),
+    "scaled_weight": (ScaledWeight, lambda n: torch.randn(n, 2, 5, 5, dtype=torch.float64), 0, 1),
+    "in_place_scale": (InPlaceScale, lambda n: torch.randn(n, 4, dtype=torch.float64), 0, 1),
+    "sliced_positions": (SlicedPositions, lambda n: torch.randn(n, 4, 4, dtype=torch.float64), 0, 1),
+    "two_ops_one_parameter": (TwoOpsOneParameter, lambda n: torch.randn(n, 4, dtype=torch.float64), 1, 0),
+}
+
+
+def _owners(model, x):
+    engine = GramEngine(model, full=False, selected=[0], backend="torch", memory_budget=1 << 30, conv_form="auto")
+    engine.term_bytes = 1 << 24
+    engine.probe(x)
+    engine._record(x)  # the real pass may hand groups back too
+    ops = [m for m in engine.owners if isinstance(m, ParameterOp)]
+    generic = [m for m in engine.owners if m in engine.generic or type(m).__name__ in
+               {"TokenModel", "ConvLayerScale", "TiedDecoder", "ScaledWeight", "InPlaceScale", "SlicedPositions",
+                "TwoOpsOneParameter"}]
+    covered = sorted(id(p) for params in engine.owners.values() for p in params.values())
+    return ops, generic, covered
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ownership(name):
+    factory, inputs, n_ops, n_generic = CASES[name]
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    ops, generic, covered = _owners(model, inputs(5))
+    assert len(ops) == n_ops
+    assert len(generic) == n_generic
+    # every trainable parameter exactly once
+    assert covered == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_trace_matches_loop_reference(name, dtype):
+    factory, inputs, _, _ = CASES[name]
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    x = inputs(5)
+    J = loop_jacobian(model, x.double() if x.is_floating_point() else x)
+    reference = torch.einsum("iap,jap->ij", J, J)
+    K = ft.ntk_gram(model.to(dtype), x.to(dtype) if x.is_floating_point() else x)
+    assert ((K.double() - reference).norm() / reference.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("name", ["tokens", "tied_decoder", "two_ops_one_parameter"])
+def test_cross_full_and_one_output(name):
+    factory, inputs, _, _ = CASES[name]
+    torch.manual_seed(1)
+    model = factory().double().eval()
+    x1, x2 = inputs(4), inputs(3)
+    J1, J2 = loop_jacobian(model, x1), loop_jacobian(model, x2)
+    full = torch.einsum("iap,jbp->ijab", J1, J2)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), full, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2), full.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x1, outputs=1), J1[:, 1] @ J1[:, 1].T, rtol=1e-10, atol=1e-12)
+
+
+def test_blocks_and_small_chunks_agree():
+    """Several blocks, and a budget that makes the expand op's per-example vjp run in chunks."""
+    torch.manual_seed(2)
+    model = TokenModel().double().eval()
+    x = torch.randn(9, 3, 4, dtype=torch.float64)
+    J = loop_jacobian(model, x)
+    reference = torch.einsum("iap,jap->ij", J, J)
+    for kwargs in ({"block_size": 4}, {"memory_budget": 1 << 16}):
+        K = ft.ntk_gram(model, x, **kwargs)
+        assert ((K - reference).norm() / reference.norm()).item() < 1e-10, kwargs
+
+
+def test_model_unchanged_and_trainable_after():
+    """The stand-in owners hold the model's own parameters; the model keeps them."""
+    torch.manual_seed(3)
+    model = TokenModel().double().eval()
+    before = {name: p for name, p in model.named_parameters()}
+    ft.ntk_gram(model, torch.randn(3, 3, 4, dtype=torch.float64))
+    after = dict(model.named_parameters())
+    assert all(after[name] is p and isinstance(p, nn.Parameter) for name, p in before.items())
+    model(torch.randn(2, 3, 4, dtype=torch.float64)).sum().backward()
+    assert model.class_token.grad is not None and model.pos.grad is not None
