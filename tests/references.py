@@ -26,3 +26,17 @@ def loop_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Trace Gram Σ_a J_a J_aᵀ (n, n) from ``loop_jacobian``."""
     J = loop_jacobian(model, x)
     return torch.einsum("iap,jap->ij", J, J)
+
+
+def lean_loop_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``loop_reference`` holding one output's Jacobian (n, p) at a time (large models)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    outs = [model(x[i:i + 1]).reshape(-1) for i in range(x.shape[0])]
+    K = torch.zeros(x.shape[0], x.shape[0], dtype=outs[0].dtype)
+    for a in range(outs[0].shape[0]):
+        J = torch.stack([torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                    for g, p in zip(torch.autograd.grad(out[a], params, retain_graph=True,
+                                                                        allow_unused=True), params)])
+                         for out in outs])
+        K += J @ J.T
+    return K

@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_flatten
 from .. import kernels
 from .capture import Recorder
 from .cost import FORMS, choose_form
+from . import attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
 from .ops import OpRouter, ParameterOp, calls_are_per_example, parameter_groups
 from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, rule_for
 
@@ -338,7 +339,10 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
             while not any(q is p for q in modules[owner_name].parameters()):  # climb to a module holding p
                 owner_name = owner_name.rpartition(".")[0]
             rel = next(n for n, q in modules[owner_name].named_parameters(remove_duplicate=False) if q is p)
-            generic.add(modules[owner_name])
+            # a rule may know a child's parameter that its module uses directly
+            # (nn.MultiheadAttention and out_proj.weight); any other goes generic
+            if rel not in getattr(rule_for(modules[owner_name]), "parameter_names", ()):
+                generic.add(modules[owner_name])
         elif single:
             owner_name, rel = mod_names[0], holders[0][1]
             if rel.startswith("parametrizations."):  # no structured rule knows the originals
@@ -492,7 +496,8 @@ class GramEngine:
             known = getattr(rule_for(module), "parameter_names", None)
             # a hook that replaced the arguments or the output: forward alone does not describe the call
             hooks_changed = any(call.hooks_changed for call in rec.calls.get(module, []))
-            if hooks_changed or (known is not None and not set(params) <= known):
+            supported = getattr(rule_for(module), "supports", lambda m: True)(module)
+            if hooks_changed or not supported or (known is not None and not set(params) <= known):
                 self.generic.add(module)
         _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule)
         self._probe_calls = rec.calls
