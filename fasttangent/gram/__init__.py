@@ -2,6 +2,9 @@
 
 - ``capture``: forward hooks recording every call of parameter-owning modules;
 - ``rules``: the per-layer rule registry (Linear, Conv1d/2d, norms, generic torch.func);
+- ``attention``: the nn.MultiheadAttention rule;
+- ``ops``: parameters owned by the single ops that use them (class tokens, position
+  embeddings, layer scales, tied decoders) instead of a module on the generic rule;
 - ``cost``: the factored-vs-materialized cost model for positions layers;
 - ``engine``: ownership, batched backward over outputs, blocks and symmetry.
 """

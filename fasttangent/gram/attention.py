@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cost import PatchShape
-from .rules import PerExampleGrads, _live_calls, _weight_terms, register_rule
+from .rules import PerExampleGrads, _weight_terms, register_rule
 
 _FORWARD = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -59,8 +59,13 @@ def _additive(mask, dtype):
 
 
 def _merged_mask(arguments: dict, n: int, heads: int, L: int, S: int, dtype):
-    """The additive mask (broadcastable to (n, heads, L, S)) or None."""
-    attn = _additive(arguments["attn_mask"], dtype)
+    """The additive mask (broadcastable to (n, heads, L, S)) or None. As in torch: with
+    ``is_causal=True``, no key padding mask and no weights asked for, the module ignores
+    ``attn_mask`` and applies the causal mask (top-left aligned) instead."""
+    attn_mask = arguments["attn_mask"]
+    if arguments["is_causal"] and arguments["key_padding_mask"] is None and not arguments["need_weights"]:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).triu(1)
+    attn = _additive(attn_mask, dtype)
     if attn is not None:
         attn = attn.view(n, heads, L, S) if attn.dim() == 3 else attn
     padding = _additive(arguments["key_padding_mask"], dtype)
@@ -99,21 +104,22 @@ def _projection_weights(module):
 
 
 def _cotangents(module, arguments, g_y, g_w):
-    """(X_q, X_k, X_v), O and g_Q, g_K, g_V (each (n, c, T, E)) for one call."""
+    """(X_q, X_k, X_v), O and g_Q, g_K, g_V (each (n, c, T, E)) for one call; g_y or g_w
+    (the cotangents of the output and of the attention weights) may be None."""
     X = tuple(arguments[name].detach() for name in ("query", "key", "value"))
     W, b = _projection_weights(module)
     n, L = X[0].shape[:2]
     S = X[1].shape[1]
-    c = g_y.shape[1]
+    c = (g_y if g_y is not None else g_w).shape[1]
     mask = _merged_mask(arguments, n, module.num_heads, L, S, X[0].dtype)
     average = bool(arguments["average_attn_weights"])
     with torch.enable_grad():
         P = [F.linear(x, w, bias).detach().requires_grad_(True) for x, w, bias in zip(X, W, b)]
         O, weights = _core(module, *P, mask, average)
-        g_O = g_y @ module.out_proj.weight.detach()  # (n, c, L, E)
+        g_O = None if g_y is None else g_y @ module.out_proj.weight.detach()  # (n, c, L, E)
         per_output = []
         for k in range(c):
-            outs, seeds = [O], [g_O[:, k]]
+            outs, seeds = ([O], [g_O[:, k]]) if g_O is not None else ([], [])
             if g_w is not None:
                 outs.append(weights)
                 seeds.append(g_w[:, k])
@@ -135,13 +141,16 @@ def attention_rule(ctx):
     """nn.MultiheadAttention with ``batch_first=True`` (see the module docstring)."""
     module, params = ctx.module, ctx.params
     out_weight, out_bias, in_weight, in_bias = [], [], [], []
-    for call in _live_calls(ctx):
+    for call in ctx.calls:
+        if not (call.cotangents and any(g is not None for g in call.cotangents)):
+            continue  # the model output depends on neither output of this call
         arguments = _arguments(module, call)
-        g_y = call.cotangents[0]
-        g_w = call.cotangents[1] if len(call.cotangents) > 1 else None
+        g_y = call.cotangents[0] if call.output_positions[0] == 0 else None
+        g_w = call.cotangents[-1] if call.output_positions[-1] == 1 else None
         X, O, (g_Q, g_K, g_V) = _cotangents(module, arguments, g_y, g_w)
-        out_weight.append((O, _channels_first(g_y)))
-        out_bias.append(g_y.sum(dim=2))
+        if g_y is not None:  # else the output's weights get no gradient from this call
+            out_weight.append((O, _channels_first(g_y)))
+            out_bias.append(g_y.sum(dim=2))
         self_attention = X[0] is X[1] and X[1] is X[2]
         if self_attention:
             in_weight.append([(X[0], _channels_first(torch.cat([g_Q, g_K, g_V], dim=3)))])

@@ -70,15 +70,18 @@ class Call:
         made with keywords only (``linear(input=x)``). What most rules need."""
         return self.args if self.args else tuple(self.kwargs.values())
 
+    def inputs_modified(self) -> bool:
+        """Whether an input was modified in place after the call (its values are then lost)."""
+        tensors = _input_tensors(self.args, self.kwargs, self.raw_args, self.raw_kwargs)
+        return any(tensor._version != version for tensor, version in zip(tensors, self.input_versions))
+
     def check_inputs_unmodified(self, module: nn.Module) -> None:
         """Raise if an input was modified in place after the call (its values are then lost)."""
-        tensors = _input_tensors(self.args, self.kwargs, self.raw_args, self.raw_kwargs)
-        for tensor, version in zip(tensors, self.input_versions):
-            if tensor._version != version:
-                raise RuntimeError(
-                    f"the input of {type(module).__name__} was modified in place after the module used it, "
-                    "so its recorded value is lost; make that later op out-of-place (e.g. x = x.relu() "
-                    "instead of x.relu_(), or inplace=False)")
+        if self.inputs_modified():
+            raise RuntimeError(
+                f"the input of {type(module).__name__} was modified in place after the module used it, "
+                "so its recorded value is lost; make that later op out-of-place (e.g. x = x.relu() "
+                "instead of x.relu_(), or inplace=False)")
 
 
 def _input_tensors(*trees) -> list:

@@ -18,7 +18,10 @@ parameters it registers itself (``recurse=False``). A parameter whose module is 
 called (a parent uses ``child.weight`` directly, as ``nn.MultiheadAttention`` does with
 ``out_proj``) or that is registered in several modules (tied weights) is handed to the
 nearest module that is called and contains all its users; that module gets the
-generic torch.func rule for it.
+generic torch.func rule for it (unless its rule knows the parameter, as the attention
+rule knows ``out_proj.weight``). Parameters left on the generic rule are then offered to
+the ops that use them (``ops``): a group of parameters whose every op gives the examples
+first is owned by a ``ParameterOp`` and costs one op's vjp per example.
 
 One pass (CPU). Where the backward passes run one output at a time anyway (CPU) and the
 Gram is not "full", ``GramEngine.stream_gram`` replaces steps 2-3: per output, one backward
@@ -532,6 +535,17 @@ class GramEngine:
                 op.restore(self.owners, self.generic)
         self._probe_calls.update(rec.calls)
 
+    def settle(self, x1: torch.Tensor, x2: torch.Tensor | None) -> None:
+        """Settle ownership on a forward pass over two examples before any block runs. One
+        example cannot tell a per-example result from one shared by the batch (an op on a
+        (1, d) parameter alone), and blocks of one example (n = 1, or x1 of one example in
+        a cross Gram) never check it: without this, a later block could change the owners
+        between two blocks whose terms must match."""
+        pair = x1[:2] if x2 is None else torch.cat([x1[:1], x2[:1]])
+        if pair.shape[0] == 2:
+            with torch.no_grad():  # the recorded pass enables grad itself; nothing is kept
+                self._record(pair.detach())
+
     def _op_router(self):
         """Routes the ops of the ``ParameterOp`` owners during a recorded forward pass."""
         ops = [m for m in self.owners if isinstance(m, ParameterOp)]
@@ -998,6 +1012,7 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
                         conv_form=conv_form)
     engine.term_bytes = term_bytes(memory_budget, x1.device)
     c_total = engine.probe(x1)
+    engine.settle(x1, x2)
     engine.selected, engine.full = output_selection(outputs, c_total)
     if engine.full and reduce == "mean":
         raise ValueError("reduce='mean' averages the trace over outputs; a full Gram keeps every output pair, "

@@ -128,9 +128,9 @@ def parameter_groups(candidates: dict, together: list) -> list:
 
 def calls_are_per_example(op: ParameterOp, calls: list, n: int) -> bool:
     """Whether every recorded call of ``op`` on n examples returns differentiable tensors
-    whose leading dimension is n (1 in the one-example probe) and none wrote into its
-    inputs."""
-    if op.in_place or not calls:
+    whose leading dimension is n (1 in the one-example probe), and no op wrote into its
+    inputs or had them overwritten later (the rule re-runs the op on them)."""
+    if op.in_place or not calls or any(call.inputs_modified() for call in calls):
         return False
     # a call without a recorded output is an op outside autograd's sight (inside a vmap of
     # the forward, or not differentiable): too little is known about it
@@ -158,9 +158,10 @@ def _masked_rows_vjp(op: ParameterOp, params: dict, call: Call, n: int, c: int, 
     rows = torch.eye(n, dtype=cots[0].dtype, device=device)
 
     def one_example(row):
-        def one_output(*gs):  # gs: per output, (n, *shape) for one model output
-            return pullback(tuple(g * row.view(n, *([1] * (g.dim() - 1))) for g in gs))[0]
-        return vmap(one_output)(*[g.transpose(0, 1) for g in cots])
+        # the outputs in a loop, not a nested vmap (see ``rules._per_example_vjp``)
+        per_output = [pullback(tuple(g[:, k] * row.view(n, *([1] * (g.dim() - 2))) for g in cots))[0]
+                      for k in range(c)]
+        return {name: torch.stack([grads[name] for grads in per_output]) for name in params}
 
     return vmap(one_example, chunk_size=chunk)(rows)
 
@@ -189,6 +190,16 @@ def _masked_rows_loop(op: ParameterOp, params: dict, call: Call, n: int, c: int)
     return grads
 
 
+def _masked_rows(op: ParameterOp, params: dict, call: Call, n: int, c: int, term_bytes: int | None) -> dict:
+    """Per-example gradients from the vjp of the whole op with the cotangent kept on one row
+    (exact for any op whose output row i belongs to example i): under vmap, or with plain
+    autograd where the op has no batching rule."""
+    try:
+        return _masked_rows_vjp(op, params, call, n, c, _example_chunk(call, n, c, term_bytes))
+    except (RuntimeError, ValueError):
+        return _masked_rows_loop(op, params, call, n, c)
+
+
 def _example_chunk(call: Call, n: int, c: int, term_bytes: int | None) -> int:
     """Examples per vmap chunk of ``_masked_rows_vjp``: each holds c masked copies of the
     op's whole output (n rows) per example."""
@@ -213,12 +224,12 @@ def op_rule(ctx: LayerContext):
             except (RuntimeError, ValueError):  # an op without a batching rule
                 grads = None
             if grads is None or any(tuple(grads[k].shape) != (n, c, *p.shape) for k, p in params.items()):
-                grads = _per_example_loop(op, params, call, n, c, probe_call)
+                try:
+                    grads = _per_example_loop(op, params, call, n, c, probe_call)
+                except (RuntimeError, ValueError):  # the op does not run on one example's slice
+                    grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
         else:
-            try:
-                grads = _masked_rows_vjp(op, params, call, n, c, _example_chunk(call, n, c, ctx.term_bytes))
-            except (RuntimeError, ValueError):  # an op without a batching rule
-                grads = _masked_rows_loop(op, params, call, n, c)
+            grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
         totals.append(torch.cat([grads[name].reshape(n, c, -1) for name in params], dim=2))
     total = _sum_or_none(totals)
     return [] if total is None else [PerExampleGrads(total)]

@@ -461,7 +461,10 @@ def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int
             return tuple(out_leaves[i] for i in positions)
 
         _, pullback = vjp(forward, p)
-        return vmap(lambda *gs: pullback(tuple(gk.unsqueeze(0) for gk in gs))[0])(*example_cots)
+        # the outputs in a loop, not an inner vmap: nested vmaps of equal sizes (n = c) meet
+        # wrong batching rules in torch 2.x (PReLU's backward mixes the two levels)
+        per_output = [pullback(tuple(g[k].unsqueeze(0) for g in example_cots))[0] for k in range(c)]
+        return {name: torch.stack([grads[name] for grads in per_output]) for name in p}
 
     return vmap(one_example, in_dims=(None, 0, 0))(params, batched, cots)
 
