@@ -139,3 +139,58 @@ def test_transformer_encoder_layer():
     reference = _reference(model, x)
     K = ft.ntk_gram(model, x)
     assert ((K - reference).norm() / reference.norm()).item() < 1e-10
+
+
+class WeightsOnly(nn.Module):
+    """Only the attention weights reach the output (attention pooling scores)."""
+
+    def __init__(self, average=True):
+        super().__init__()
+        self.embed, self.average = nn.Linear(3, E), average
+        self.attention = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.head = nn.Linear(L * L * (1 if average else HEADS), 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        _, weights = self.attention(h, h, h, need_weights=True, average_attn_weights=self.average)
+        return self.head(weights.flatten(1))
+
+
+class CausalHint(nn.Module):
+    """is_causal=True with a mask that is not causal: torch applies the causal mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, E), nn.Linear(L * E, 3)
+        self.attention = nn.MultiheadAttention(E, HEADS, batch_first=True)
+
+    def forward(self, x):
+        h = self.embed(x)
+        anti_causal = torch.ones(L, L, dtype=torch.bool).tril(-1)
+        out, _ = self.attention(h, h, h, attn_mask=anti_causal, need_weights=False, is_causal=True)
+        return self.head(torch.tanh(out).flatten(1))
+
+
+def _frozen(name):
+    model = Attend(mode="cross", kdim=5)
+    getattr(model.attention, name).requires_grad_(False)
+    return model
+
+
+REGRESSIONS = {
+    "weights_only": WeightsOnly,
+    "weights_only_per_head": lambda: WeightsOnly(average=False),
+    "causal_hint": CausalHint,
+    "frozen_q_projection": lambda: _frozen("q_proj_weight"),
+    "frozen_v_projection": lambda: _frozen("v_proj_weight"),
+}
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_regressions(name):
+    torch.manual_seed(0)
+    model = REGRESSIONS[name]().double().eval()
+    x = torch.randn(5, L, 3, dtype=torch.float64)
+    assert _attention_rule_used(model, x)
+    reference = _reference(model, x)
+    assert ((ft.ntk_gram(model, x) - reference).norm() / reference.norm()).item() < 1e-10

@@ -207,3 +207,128 @@ def test_model_unchanged_and_trainable_after():
     assert all(after[name] is p and isinstance(p, nn.Parameter) for name, p in before.items())
     model(torch.randn(2, 3, 4, dtype=torch.float64)).sum().backward()
     assert model.class_token.grad is not None and model.pos.grad is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions found in review: each model, with the calls that went wrong.
+
+class GatedSubBatch(nn.Module):
+    """An op on the examples whose first feature is positive (all of them in one block, a
+    part in another): the owners change after the first block, so the Gram starts over."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.p, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(5)), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.inner(x)
+        on = (x[:, 0] > 0).nonzero().squeeze(1)
+        return self.head(torch.tanh(h.index_add(0, on, h[on] * self.p - h[on])))
+
+
+class DataDependentLoop(nn.Module):
+    """An op called more often on the block than on the probe's example, with a (T, d) table
+    (T = n in the test): the table must not be taken for per-example data."""
+
+    def __init__(self, T=5):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 3), nn.Linear(3 * T, 3)
+        self.register_buffer("table", torch.randn(T, 3))
+        self.p = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):  # (n, T, 4)
+        h = torch.tanh(self.inner(x))
+        steps = 1 + (x[:, 0, 0] > 0).long()
+        for i in range(int(steps.max())):
+            h = torch.where((i < steps)[:, None, None], torch.tanh(torch.addcmul(h, self.table, self.p)), h)
+        return self.head(h.flatten(1))
+
+
+class MixedLayoutOp(nn.Module):
+    """One op with a batch-first and a time-first argument: slicing one example fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.p, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(5)), nn.Linear(3, 3)
+
+    def forward(self, x):  # (n, 3, 4)
+        h = self.inner(x)
+        return self.head(torch.tanh(torch.einsum("ntd,tnd,d->nt", h, h.transpose(0, 1), self.p)))
+
+
+class InputOverwrittenLater(nn.Module):
+    """The op's input is modified in place after the op (which autograd allows for an add):
+    its recorded value is lost, so the op goes back to its module."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.p, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(5)), nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = self.inner(x) + 0.5
+        y = torch.sin(h + self.p)
+        h.mul_(2)
+        return self.head(torch.cat([y, h], 1))
+
+
+class ParameterAloneScale(nn.Module):
+    """softplus of a (1, d) parameter alone: leading size 1 for any n."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.s, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(1, 5)), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x) * F.softplus(self.s)))
+
+
+def _gated_inputs():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    x[:3, 0] = x[:3, 0].abs()  # the first block of 3: every example gated on
+    x[3:, 0] = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    return x
+
+
+def _loop_inputs():
+    x = torch.randn(5, 5, 4, dtype=torch.float64)  # n = T = 5
+    x[0, 0, 0] = -1.0  # the probe's example takes one step, the others two
+    x[1:, 0, 0] = x[1:, 0, 0].abs()
+    return x
+
+
+REGRESSIONS = {
+    "gated_sub_batch": (GatedSubBatch, _gated_inputs),
+    "data_dependent_loop": (DataDependentLoop, _loop_inputs),
+    "mixed_layout_op": (MixedLayoutOp, lambda: torch.randn(5, 3, 4, dtype=torch.float64)),
+    "input_overwritten_later": (InputOverwrittenLater, lambda: torch.randn(5, 4, dtype=torch.float64)),
+    "prelu_n_equals_c": (lambda: nn.Sequential(nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)),
+                         lambda: torch.randn(3, 4, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_regressions(name):
+    factory, inputs = REGRESSIONS[name]
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    x = inputs()
+    J = loop_jacobian(model, x)
+    full = torch.einsum("iap,jbp->ijab", J, J)
+    trace = full.diagonal(dim1=2, dim2=3).sum(-1)
+    assert torch.allclose(ft.ntk_gram(model, x), trace, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x, outputs="full"), full, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x, outputs="full", block_size=3), full, rtol=1e-10, atol=1e-12)
+    split = x.shape[0] // 2
+    assert torch.allclose(ft.ntk_gram(model, x[:split], x[split:], outputs="full"), full[:split, split:],
+                          rtol=1e-10, atol=1e-12)
+
+
+def test_one_example_against_many():
+    """x1 of one example cannot show that the op's result is shared by the batch; x2 can."""
+    torch.manual_seed(0)
+    model = ParameterAloneScale().double().eval()
+    x1, x2 = torch.randn(1, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    J1, J2 = loop_jacobian(model, x1), loop_jacobian(model, x2)
+    full = torch.einsum("iap,jbp->ijab", J1, J2)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), full, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2), full.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12)

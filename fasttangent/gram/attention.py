@@ -171,15 +171,21 @@ def attention_rule(ctx):
 def _in_projection_terms(ctx, in_weight):
     """Terms of W_q, W_k, W_v: one term of the stacked ``in_proj_weight`` when every call is
     self-attention; otherwise the three blocks of rows apart (disjoint coordinates, so the
-    Gram is the sum of theirs), each over every call."""
+    Gram is the sum of theirs), each over every call. Separate ``q/k/v_proj_weight`` give
+    a term each, for those among the owned parameters (one may be frozen or owned elsewhere)."""
     module, params = ctx.module, ctx.params
-    names = ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-    if not in_weight or not all(name in params for name in names):
+    if not in_weight:
         return []
-    if module._qkv_same_embed_dim and all(len(pieces) == 1 for pieces in in_weight):
-        return [_weight_terms(ctx, [pieces[0] for pieces in in_weight], groups=1)]
+    if module._qkv_same_embed_dim:
+        if "in_proj_weight" not in params:
+            return []
+        if all(len(pieces) == 1 for pieces in in_weight):
+            return [_weight_terms(ctx, [pieces[0] for pieces in in_weight], groups=1)]
+        wanted = [0, 1, 2]
+    else:
+        wanted = [j for j, name in enumerate(("q_proj_weight", "k_proj_weight", "v_proj_weight")) if name in params]
     blocks = []
-    for j in range(3):
+    for j in wanted:
         patches = []
         for pieces in in_weight:
             if len(pieces) == 1:  # a self-attention call: its stacked cotangent's rows for block j

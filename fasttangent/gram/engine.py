@@ -411,6 +411,11 @@ def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set,
     return lifted
 
 
+class _OwnersChanged(Exception):
+    """Raised by a recorded pass that changed the owners after an earlier pass of the same
+    Gram (``compute_gram`` starts over)."""
+
+
 def _differentiates(rule) -> bool:
     """Whether a rule runs torch.func on recorded calls (the generic rule, ``op_rule``): it
     needs grad mode, all of a pass's cotangents, and room for per-example gradients."""
@@ -450,6 +455,7 @@ class GramEngine:
         # dense layers' input Grams (and their total bytes), kept across the outputs of one pass
         self.input_grams, self.input_gram_bytes = {}, 0
         self.saved_bytes_per_example = 0  # what autograd saves in the forward pass (set by probe)
+        self.recorded_once = False  # whether a pass of the current Gram was recorded (see compute_gram)
 
     @property
     def c(self) -> int:
@@ -706,8 +712,11 @@ class GramEngine:
         # of the batch): an owner whose calls here do not have the n examples first is lifted
         if n > 1 and _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule, n):
             del rec, f
+            if self.recorded_once:  # an earlier pass of this Gram built its terms under other owners
+                raise _OwnersChanged
             return self._record(x)
         check_finite(f.detach())
+        self.recorded_once = True
         return rec, f
 
     def _terms(self, rec, index: int, module, n: int, c: int):
@@ -1018,7 +1027,23 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
         raise ValueError("reduce='mean' averages the trace over outputs; a full Gram keeps every output pair, "
                          "so use reduce='sum' (the default) with outputs='full'")
     dtype = torch.promote_types(next(p for p in model.parameters() if p.requires_grad).dtype, torch.float32)
+    # A block can still show what earlier ones did not (an op on a sub-batch that happened to
+    # be the whole of the first block): the owners then change, and terms of blocks recorded
+    # under different owners must not meet, so the Gram is computed again from the start.
+    # Owners only ever move up (to an ancestor, or from an op back to its module): this ends.
+    while True:
+        engine.recorded_once = False
+        try:
+            return _settled_gram(engine, x1, x2, dtype, block_size, reduce, memory_budget)
+        except _OwnersChanged:
+            continue
 
+
+def _settled_gram(engine, x1, x2, dtype, block_size, reduce, memory_budget):
+    """The Gram under the engine's current owners (see ``compute_gram``)."""
+    symmetric = x2 is None
+    n1 = x1.shape[0]
+    n2 = n1 if symmetric else x2.shape[0]
     looped = not engine.backward_is_batched(x1.device)
     if looped and not engine.full:
         K = _one_pass_blocks(engine, x1, x2, dtype, block_size, memory_budget)

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._functional import call_with
 from .capture import Call
 from .rules import LayerContext, PerExampleGrads, _batched_leaves, _per_example_loop, _per_example_vjp, \
-    _sum_or_none, register_rule
+    _sum_or_none, probe_templates, register_rule
 
 
 class ParameterOp(nn.Module):
@@ -211,14 +211,14 @@ def op_rule(ctx: LayerContext):
     """``ParameterOp``: per-example vjp of each recorded op alone (see the module docstring)."""
     op, n, c = ctx.module, ctx.n, ctx.c
     params = {name: p.detach() for name, p in ctx.params.items()}
-    probe_calls = ctx.probe_calls if ctx.probe_calls and len(ctx.probe_calls) == len(ctx.calls) else None
     totals = []
-    for index, call in enumerate(ctx.calls):
+    for call, probe_call in zip(ctx.calls, probe_templates(ctx)):
         if not (call.cotangents and any(g is not None for g in call.cotangents)):
             continue
-        probe_call = probe_calls[index] if probe_calls else None
         leaves, _ = tree_flatten((call.raw_args, call.raw_kwargs))
-        if any(_batched_leaves(leaves, probe_call, n)):
+        # without the probe's view of the call, a (T, d) table with T = n would be sliced
+        # as if per example: masked rows need no such guess
+        if probe_call is not None and any(_batched_leaves(leaves, probe_call, n)):
             try:
                 grads = _per_example_vjp(op, params, call, n, c, probe_call)
             except (RuntimeError, ValueError):  # an op without a batching rule

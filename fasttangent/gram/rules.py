@@ -441,6 +441,24 @@ def _batched_leaves(leaves, probe_call: Call | None, n: int) -> list:
             for b, q in zip(batched, probe_leaves)]
 
 
+def _signature(call: Call):
+    leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
+    return spec, [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in leaves]
+
+
+def probe_templates(ctx: LayerContext) -> list:
+    """For each recorded call, the probe's call (one example) that shows which of its
+    arguments are per example: the probe's call of the same index; when the block made a
+    different number of calls (a loop whose length depends on the data), the probe's first
+    call if all the probe's calls look alike; otherwise None (leading size n alone decides)."""
+    probe = ctx.probe_calls or []
+    if len(probe) == len(ctx.calls):
+        return list(probe)
+    if probe and all(_signature(call) == _signature(probe[0]) for call in probe[1:]):
+        return [probe[0]] * len(ctx.calls)
+    return [None] * len(ctx.calls)
+
+
 def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
     """{name: (n, c, *shape)} gradients of ``params`` for every example and output."""
     leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
@@ -502,11 +520,9 @@ def generic_rule(ctx: LayerContext):
     """Any module: per-example vjp of ``functional_call`` of this module alone."""
     params = {name: p.detach() for name, p in ctx.params.items()}
     totals = []
-    probe_calls = ctx.probe_calls if ctx.probe_calls and len(ctx.probe_calls) == len(ctx.calls) else None
-    for index, call in enumerate(ctx.calls):
+    for call, probe_call in zip(ctx.calls, probe_templates(ctx)):
         if not _is_live(call):
             continue
-        probe_call = probe_calls[index] if probe_calls else None
         try:
             grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c, probe_call)
         except (RuntimeError, ValueError):  # also ops without a batching rule
