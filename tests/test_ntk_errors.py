@@ -171,3 +171,10 @@ def test_dropout_in_training_mode():
         ft.ntk_gram(model, torch.randn(4, 3))
     ft.ntk_gram(model.eval(), torch.randn(4, 3))
     ft.ntk_gram(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.0), nn.Linear(4, 2)), torch.randn(4, 3))  # p = 0
+
+
+def test_attention_dropout_in_training_mode_raises():
+    model = nn.Sequential(nn.Linear(3, 4))
+    model.attention = nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True)
+    with pytest.raises(ValueError, match="training mode with dropout"):
+        ft.ntk_gram(model.train(), torch.randn(2, 3))

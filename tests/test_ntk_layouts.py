@@ -216,3 +216,29 @@ def test_matches_loop_reference(name, dtype):
     K = ft.ntk_gram(model.to(dtype), x)
     error = ((K.double() - reference).norm() / reference.norm()).item()
     assert error < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
+class SortsTheBatch(nn.Module):
+    """Per-example, but a layer sees the batch sorted (as length-sorted packing does): its
+    row j is example perm[j], not j, so it must not be taken row by row."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.middle, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+        self.gain = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        order = torch.argsort(x[:, 0])
+        h = torch.tanh(self.middle(h[order]) * self.gain)
+        return self.head(h[torch.argsort(order)])
+
+
+def test_a_sorted_batch_is_not_taken_row_by_row():
+    torch.manual_seed(0)
+    model = SortsTheBatch().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    reference = loop_reference(model, x)
+    for kwargs in ({}, {"block_size": 4}):
+        K = ft.ntk_gram(model, x, **kwargs)
+        assert ((K - reference).norm() / reference.norm()).item() < 1e-10, kwargs

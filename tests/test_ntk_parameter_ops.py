@@ -332,3 +332,80 @@ def test_one_example_against_many():
     full = torch.einsum("iap,jbp->ijab", J1, J2)
     assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), full, rtol=1e-10, atol=1e-12)
     assert torch.allclose(ft.ntk_gram(model, x1, x2), full.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12)
+
+
+class StraightThrough(torch.autograd.Function):
+    """sign(x) forward, identity backward: a use of its input the op router cannot see."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class OpAndFunction(nn.Module):
+    """p in a plain op and inside an autograd.Function: the op alone does not cover p."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.p, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(5)), nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(torch.cat([torch.sin(h * self.p), h * StraightThrough.apply(self.p)], dim=1))
+
+
+class FunctionOnly(nn.Module):
+    """q only inside an autograd.Function, next to a parameter used plainly."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.p, self.q = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x) * self.p + StraightThrough.apply(self.q)))
+
+
+class HookedOpOutput(nn.Module):
+    """A gradient hook on the op's result changes what reaches p."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.p, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(5)), nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.inner(x) * self.p
+        if y.requires_grad:
+            y.register_hook(lambda g: -2 * g)
+        return self.head(torch.tanh(y))
+
+
+class TimeFirstOp(nn.Module):
+    """The op's per-example argument is time-first: the op goes back to its module."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.W, self.head = nn.Linear(4, 5), nn.Parameter(torch.randn(5, 3)), nn.Linear(3, 2)
+
+    def forward(self, x):  # (n, T, 4)
+        h = torch.tanh(self.inner(x)).transpose(0, 1)
+        return self.head(torch.tanh(torch.einsum("tnd,de->nte", h, self.W)).mean(1))
+
+
+REGRESSIONS.update({
+    "op_and_autograd_function": (OpAndFunction, lambda: torch.randn(5, 4, dtype=torch.float64)),
+    "autograd_function_only": (FunctionOnly, lambda: torch.randn(5, 4, dtype=torch.float64)),
+    "hooked_op_output": (HookedOpOutput, lambda: torch.randn(5, 4, dtype=torch.float64)),
+    "time_first_op": (TimeFirstOp, lambda: torch.randn(5, 3, 4, dtype=torch.float64)),
+})
+
+
+def test_time_first_op_is_not_owned_by_the_op():
+    torch.manual_seed(0)
+    model = TimeFirstOp().double().eval()
+    ops, generic, _ = _owners(model, torch.randn(5, 3, 4, dtype=torch.float64))
+    assert not ops and len(generic) == 1

@@ -127,8 +127,11 @@ class Recorder:
         return False
 
     def outputs_modified(self) -> bool:
-        """Whether a later in-place op changed a recorded output (only possible without clones)."""
-        return any(t._version != v for calls in self.calls.values() for call in calls
+        """Whether a later in-place op changed a recorded output, or the model registered a
+        gradient hook on one (only possible without clones): the cotangent of the recorded
+        tensor must be the one that reaches the layer, after the model's hooks, which holds
+        when the rest of the network uses a clone."""
+        return any(t._version != v or t._backward_hooks for calls in self.calls.values() for call in calls
                    for t, v in zip(call.outputs, call.output_versions))
 
     def _raw_inputs(self, module):

@@ -66,7 +66,7 @@ from .. import kernels
 from .capture import Recorder
 from .cost import FORMS, choose_form
 from . import attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
-from .ops import OpRouter, ParameterOp, calls_are_per_example, parameter_groups
+from .ops import OpRouter, ParameterOp, calls_are_per_example, parameter_groups, parameter_users
 from .rules import FactoredTerm, LayerContext, PerExampleGrads, generic_rule, rule_for
 
 CPU_MEMORY_BUDGET = 256 << 20  # when the available host memory cannot be read
@@ -139,9 +139,12 @@ def check_model(model: nn.Module) -> None:
         raise ValueError("no parameter of the model requires grad, so the NTK (over trainable parameters) is "
                          "empty; call requires_grad_(True) on the parameters to include")
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
-            raise ValueError(f"{type(module).__name__} {name!r} is in training mode: its random masks make every "
-                             "forward pass, and so the Gram, random (and not symmetric); call model.eval() first")
+        dropout = (module.p if isinstance(module, nn.modules.dropout._DropoutNd)
+                   else module.dropout if isinstance(module, nn.MultiheadAttention) else 0.0)
+        if module.training and dropout > 0:
+            raise ValueError(f"{type(module).__name__} {name!r} is in training mode with dropout {dropout}: its random "
+                             "masks make every forward pass, and so the Gram, random (and not symmetric); call "
+                             "model.eval() first")
         if isinstance(module, _NORM_TYPES):
             if module.training:
                 raise ValueError(f"BatchNorm {name or type(module).__name__!r} is in training mode: batch statistics "
@@ -305,7 +308,7 @@ def _deepest_common(stacks) -> nn.Module | None:
     return common
 
 
-def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
+def plan_ownership(model: nn.Module, called: set, uses: dict | None = None, in_graph: set | None = None):
     """{module: {relative name: Parameter}} and the set of modules forced onto the generic rule.
 
     A parameter belongs to the module that holds it (the parametrized module for the
@@ -313,7 +316,9 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
     module stacks of ``ParameterUses``) happens inside a call of that module. A parameter
     used elsewhere too (``F.linear(h, embedding.weight)``, a parent adding ``conv.bias``, a
     weight shared by two modules) belongs to the innermost module call active at all of its
-    uses, on the generic rule."""
+    uses, on the generic rule. A parameter of a called module with no recorded use is left
+    out (no gradient) unless ``in_graph`` (ids of the parameters the probe's output depends
+    on) shows a use the mode could not see (inside an ``autograd.Function``)."""
     uses = uses or {}
     modules, names = _module_names(model)
     users = {}
@@ -330,7 +335,10 @@ def plan_ownership(model: nn.Module, called: set, uses: dict | None = None):
         stacks = uses.get(id(p), [])
         # one module reached by several paths (self.b = self.a) is still one holder
         single = len({id(modules[m]) for m in mod_names}) == 1 and modules[mod_names[0]] in called
-        if single and not stacks and any(id(q) in uses for q in modules[mod_names[0]].parameters(recurse=False)):
+        # (a use the probe's mode could not see, inside an autograd.Function, still shows in
+        # the graph: ``in_graph``, ids of the parameters the model output depends on)
+        if (single and not stacks and (in_graph is None or id(p) not in in_graph)
+                and any(id(q) in uses for q in modules[mod_names[0]].parameters(recurse=False))):
             continue  # never used although its module was (swapped out, e.g. by a hypernetwork): no gradient
         if single and any(all(m is not modules[mod_names[0]] for m in stack) for stack in stacks):
             single = False  # used outside its holder's calls
@@ -375,7 +383,7 @@ def _batch_first(calls, structured: bool, n: int = 1) -> bool:
 
 
 def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set, calls: dict, rule,
-                                   n: int = 1) -> bool:
+                                   n: int = 1, probe_calls: dict | None = None) -> bool:
     """Give the parameters of an owner whose calls do not carry the example index first
     (a time-first sequence layer, a layer on a reshaped (n·T, d) batch, on prototypes or on
     part of the batch, a per-example loop inside the forward, a recurrent layer's (layers,
@@ -387,7 +395,7 @@ def _lift_owners_without_batch_dim(model: nn.Module, owners: dict, generic: set,
     lifted = False
     for module in list(owners):
         if isinstance(module, ParameterOp):
-            if not calls_are_per_example(module, calls.get(module, []), n):
+            if not calls_are_per_example(module, calls.get(module, []), n, (probe_calls or {}).get(module)):
                 module.restore(owners, generic)  # its fallback owners are checked on the next pass
                 lifted = True
             continue
@@ -422,9 +430,29 @@ def _differentiates(rule) -> bool:
     return rule is generic_rule or getattr(rule, "needs_grad", False)
 
 
+def _rows_follow_examples(calls, swapped_calls) -> bool:
+    """Whether the recorded outputs of a pair of examples, run in both orders, swap rows:
+    row i of every output belongs to example i. Calls that differ in number or shape are
+    not compared (the batch-first checks cover them)."""
+    if len(calls) != len(swapped_calls):
+        return True
+    for call, other in zip(calls, swapped_calls):
+        for out, out_swapped in zip(call.outputs, other.outputs):
+            if out.shape != out_swapped.shape or out.dim() == 0 or out.shape[0] != 2 or not out.is_floating_point():
+                continue
+            a, b = out.detach(), out_swapped.detach().flip(0)
+            rtol = 1e-3 if a.element_size() >= 4 else 5e-2
+            if not torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max())):
+                return False
+    return True
+
+
 def _tensor_bytes(tree) -> int:
+    """Bytes of the tensors in ``tree``, parameters left out (they do not grow with n: an op
+    owning a parameter records it among its arguments)."""
     leaves, _ = tree_flatten(tree)
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in leaves
+               if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter))
 
 
 # ------------------------------------------------------------------------------------
@@ -500,7 +528,10 @@ class GramEngine:
         finally:
             for h in handles:
                 h.remove()
-        self.owners, self.generic = plan_ownership(self.model, called, uses.uses)
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        in_graph = {id(child.variable) for node in parameter_users(tree_flatten(out)[0], trainable)
+                    for child, _ in node.next_functions if getattr(child, "variable", None) is not None}
+        self.owners, self.generic = plan_ownership(self.model, called, uses.uses, in_graph)
         for module, params in self.owners.items():
             known = getattr(rule_for(module), "parameter_names", None)
             # a hook that replaced the arguments or the output: forward alone does not describe the call
@@ -534,23 +565,57 @@ class GramEngine:
         for module in [m for m, params in self.owners.items() if not params]:
             del self.owners[module]
             self.generic.discard(module)
-        with Recorder(ops) as rec, torch.enable_grad(), OpRouter(ops):
-            self.model(x[:1].detach())
         for op in ops:
-            if not calls_are_per_example(op, rec.calls[op], 1):
-                op.restore(self.owners, self.generic)
+            op.trace_nodes = True
+        try:
+            with Recorder(ops) as rec, torch.enable_grad(), OpRouter(ops):
+                out = self.model(x[:1].detach())
+            for op in ops:
+                # every use of the group's parameters in the graph must be one of its ops: a use
+                # the mode cannot see (inside an autograd.Function, TorchScript) would be missed
+                users = parameter_users(tree_flatten(out)[0], {id(p) for p in op.parameters()})
+                if not calls_are_per_example(op, rec.calls[op], 1) or any(u not in op.covered for u in users):
+                    op.restore(self.owners, self.generic)
+        finally:
+            for op in ops:
+                op.trace_nodes, op.covered = False, set()
         self._probe_calls.update(rec.calls)
 
     def settle(self, x1: torch.Tensor, x2: torch.Tensor | None) -> None:
-        """Settle ownership on a forward pass over two examples before any block runs. One
-        example cannot tell a per-example result from one shared by the batch (an op on a
-        (1, d) parameter alone), and blocks of one example (n = 1, or x1 of one example in
+        """Settle ownership on forward passes over two examples before any block runs.
+
+        One example cannot tell a per-example result from one shared by the batch (an op on
+        a (1, d) parameter alone), and blocks of one example (n = 1, or x1 of one example in
         a cross Gram) never check it: without this, a later block could change the owners
-        between two blocks whose terms must match."""
+        between two blocks whose terms must match. The pair also runs in the other order:
+        an owner whose output rows do not swap with the examples (the forward sorts or
+        routes the batch) does not have example i in row i, which every rule assumes; it
+        goes to the model itself, on the generic rule."""
         pair = x1[:2] if x2 is None else torch.cat([x1[:1], x2[:1]])
-        if pair.shape[0] == 2:
-            with torch.no_grad():  # the recorded pass enables grad itself; nothing is kept
-                self._record(pair.detach())
+        if pair.shape[0] != 2:
+            return
+        pair = pair.detach()
+        with torch.no_grad():  # the recorded passes enable grad themselves; nothing is kept
+            while True:
+                self.recorded_once = False  # no terms yet: owners may still change
+                rec, _ = self._record(pair)
+                self.recorded_once = False
+                swapped, _ = self._record(pair.flip(0))
+                rows_elsewhere = [m for m in self.owners if m is not self.model
+                                  and not _rows_follow_examples(rec.calls[m], swapped.calls[m])]
+                if not rows_elsewhere:
+                    return
+                for module in rows_elsewhere:
+                    self._give_to_model(module)
+
+    def _give_to_model(self, module) -> None:
+        """Move an owner's parameters to the model itself, on the generic rule."""
+        params = self.owners.pop(module)
+        self.generic.discard(module)
+        target = self.owners.setdefault(self.model, {})
+        for p in params.values():
+            target[next(name for name, q in self.model.named_parameters(remove_duplicate=False) if q is p)] = p
+        self.generic.add(self.model)
 
     def _op_router(self):
         """Routes the ops of the ``ParameterOp`` owners during a recorded forward pass."""
@@ -710,7 +775,8 @@ class GramEngine:
             return self._record(x)
         # what one example could not show (a state of shape (layers, n, H), a layer on part
         # of the batch): an owner whose calls here do not have the n examples first is lifted
-        if n > 1 and _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule, n):
+        if n > 1 and _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule, n,
+                                                    self._probe_calls):
             del rec, f
             if self.recorded_once:  # an earlier pass of this Gram built its terms under other owners
                 raise _OwnersChanged

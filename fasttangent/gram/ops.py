@@ -60,6 +60,8 @@ class ParameterOp(nn.Module):
         self._slot_of = {id(p): name for name, p in params.items()}
         self.fallback = fallback
         self.in_place = False  # set when an op wrote its result into one of its inputs
+        self.trace_nodes = False  # on the probe: collect the autograd nodes of the ops (``covered``)
+        self.covered = set()
 
     def routes(self, leaves) -> bool:
         return any(isinstance(t, nn.Parameter) and id(t) in self._slot_of for t in leaves)
@@ -70,6 +72,9 @@ class ParameterOp(nn.Module):
                    else t for t in leaves]
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
+        if self.trace_nodes:
+            self.covered |= set(parameter_users(tree_flatten(out)[0], self._slot_of,
+                                                stop=[t for t in leaves if isinstance(t, torch.Tensor)]))
         inputs = {id(t) for t in leaves if isinstance(t, torch.Tensor)}
         if any(id(t) in inputs for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
             self.in_place = True  # the recorded input now holds the result: its value is lost
@@ -84,6 +89,32 @@ class ParameterOp(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}: {module.__class__.__name__}.{rel}" for name, (module, rel) in self.fallback.items())
+
+
+def parameter_users(outputs, param_ids, stop=()) -> list:
+    """The autograd nodes, in the graph behind ``outputs``, with an edge into the gradient
+    accumulator of a parameter whose id is in ``param_ids``; the walk does not go past the
+    nodes of the tensors in ``stop`` (an op's inputs: then only the op's own nodes count).
+    Unlike a TorchFunctionMode, the graph also shows uses inside ``autograd.Function``s and
+    TorchScript."""
+    stop_nodes = {t.grad_fn for t in stop if t.grad_fn is not None}
+    stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen, users = set(), []
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop_nodes:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)  # AccumulateGrad: a leaf's accumulator
+            if variable is not None:
+                if id(variable) in param_ids:
+                    users.append(node)
+                continue
+            stack.append(child)
+    return users
 
 
 class OpRouter(TorchFunctionMode):
@@ -126,15 +157,37 @@ def parameter_groups(candidates: dict, together: list) -> list:
     return list(groups.values())
 
 
-def calls_are_per_example(op: ParameterOp, calls: list, n: int) -> bool:
+def _same_layout(call: Call, probe_call: Call, n: int) -> bool:
+    """Whether each tensor argument either keeps its shape between the probe (one example)
+    and the block (a parameter, a table) or carries the examples first (leading 1 -> n):
+    an argument that changes otherwise (a time-first sequence) carries the examples
+    elsewhere, and the op would need a vjp of the whole batch per example."""
+    leaves, _ = tree_flatten((call.raw_args, call.raw_kwargs))
+    probe_leaves, _ = tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))
+    if len(leaves) != len(probe_leaves):
+        return False
+    for t, q in zip(leaves, probe_leaves):
+        if not isinstance(t, torch.Tensor) or not isinstance(q, torch.Tensor) or t.shape == q.shape:
+            continue
+        if not (t.dim() == q.dim() > 0 and q.shape[0] == 1 and t.shape[0] == n and t.shape[1:] == q.shape[1:]):
+            return False
+    return True
+
+
+def calls_are_per_example(op: ParameterOp, calls: list, n: int, probe_calls: list | None = None) -> bool:
     """Whether every recorded call of ``op`` on n examples returns differentiable tensors
     whose leading dimension is n (1 in the one-example probe), and no op wrote into its
-    inputs or had them overwritten later (the rule re-runs the op on them)."""
+    inputs or had them overwritten later (the rule re-runs the op on them), and (given the
+    probe's calls) no argument carries the examples other than first."""
     if op.in_place or not calls or any(call.inputs_modified() for call in calls):
         return False
     # a call without a recorded output is an op outside autograd's sight (inside a vmap of
     # the forward, or not differentiable): too little is known about it
-    return all(call.outputs and all(o.dim() > 0 and o.shape[0] == n for o in call.outputs) for call in calls)
+    if not all(call.outputs and all(o.dim() > 0 and o.shape[0] == n for o in call.outputs) for call in calls):
+        return False
+    if probe_calls and len(probe_calls) == len(calls):
+        return all(_same_layout(call, probe, n) for call, probe in zip(calls, probe_calls))
+    return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,7 +271,8 @@ def op_rule(ctx: LayerContext):
         leaves, _ = tree_flatten((call.raw_args, call.raw_kwargs))
         # without the probe's view of the call, a (T, d) table with T = n would be sliced
         # as if per example: masked rows need no such guess
-        if probe_call is not None and any(_batched_leaves(leaves, probe_call, n)):
+        probe_leaves = None if probe_call is None else tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))[0]
+        if probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
             try:
                 grads = _per_example_vjp(op, params, call, n, c, probe_call)
             except (RuntimeError, ValueError):  # an op without a batching rule
