@@ -178,3 +178,29 @@ def test_attention_dropout_in_training_mode_raises():
     model.attention = nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True)
     with pytest.raises(ValueError, match="training mode with dropout"):
         ft.ntk_gram(model.train(), torch.randn(2, 3))
+
+
+class NoisyInEval(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h + 0.1 * torch.randn_like(h)
+
+
+class CentersTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h - h.mean(0)
+
+
+@pytest.mark.parametrize("factory", [NoisyInEval, CentersTheBatch], ids=lambda f: f.__name__)
+def test_a_model_that_is_not_per_example_raises(factory):
+    with pytest.raises(ValueError, match="depends on the other examples of the batch or is random"):
+        ft.ntk_gram(factory().eval(), torch.randn(4, 3))

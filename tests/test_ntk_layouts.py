@@ -242,3 +242,100 @@ def test_a_sorted_batch_is_not_taken_row_by_row():
     for kwargs in ({}, {"block_size": 4}):
         K = ft.ntk_gram(model, x, **kwargs)
         assert ((K - reference).norm() / reference.norm()).item() < 1e-10, kwargs
+
+
+class FlipsTheBatch(nn.Module):
+    """Per-example, but an op sees the batch reversed (a reversal is its own inverse, so a
+    swapped pair alone cannot reveal it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+        self.gain = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x)).flip(0) * self.gain
+        return self.head(torch.tanh(h.flip(0)))
+
+
+class RoutesTheBatch(nn.Module):
+    """A stable partition of the batch by a gate (MoE-style dispatch), undone after an op."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.gain = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        gate = x[:, 0] > 0
+        order = torch.cat([gate.nonzero().squeeze(1), (~gate).nonzero().squeeze(1)])
+        y = torch.tanh(self.inner(x)[order] * self.gain)
+        return self.head(y[torch.argsort(order)])
+
+
+@pytest.mark.parametrize("factory", [FlipsTheBatch, RoutesTheBatch], ids=lambda f: f.__name__)
+def test_a_permuted_batch_is_not_taken_row_by_row(factory):
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    x[:, 0] = torch.tensor([1.0, 2.0, -1.0, 3.0, -2.0, 1.0])  # the first two examples share a route
+    reference = loop_reference(model, x)
+    for x2 in (None, x):
+        K = ft.ntk_gram(model, x, x2)
+        assert ((K - reference).norm() / reference.norm()).item() < 1e-10
+
+
+def test_observing_tensor_hooks_from_forward_hooks():
+    """A Grad-CAM-style forward hook that stores its output's gradient (observes only)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    seen = []
+    model[0].register_forward_hook(lambda mod, inputs, out: out.register_hook(seen.append) and None)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    reference = loop_reference(model, x)
+    assert ((ft.ntk_gram(model, x) - reference).norm() / reference.norm()).item() < 1e-10
+
+
+class ScaleTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return 2 * w
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class WeightAlsoInFunction(nn.Module):
+    """A Linear's weight is also used by the parent inside an autograd.Function, which no
+    TorchFunctionMode sees: the Linear rule alone would miss that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(torch.cat([h, torch.tanh(h @ ScaleTwice.apply(self.inner.weight))], dim=1))
+
+
+class HookScalesOutputInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+        self.inner.register_forward_hook(lambda mod, inputs, out: out.mul_(2) and None)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)))
+
+
+@pytest.mark.parametrize("factory", [WeightAlsoInFunction, HookScalesOutputInPlace], ids=lambda f: f.__name__)
+def test_uses_and_changes_outside_the_rules_sight(factory):
+    torch.manual_seed(0)
+    model = factory().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    reference = loop_reference(model, x)
+    for kwargs in ({}, {"outputs": "full"}):
+        K = ft.ntk_gram(model, x, **kwargs)
+        K = K.diagonal(dim1=2, dim2=3).sum(-1) if K.dim() == 4 else K
+        assert ((K - reference).norm() / reference.norm()).item() < 1e-10, kwargs

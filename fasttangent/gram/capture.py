@@ -131,8 +131,10 @@ class Recorder:
         gradient hook on one (only possible without clones): the cotangent of the recorded
         tensor must be the one that reaches the layer, after the model's hooks, which holds
         when the rest of the network uses a clone."""
-        return any(t._version != v or t._backward_hooks for calls in self.calls.values() for call in calls
-                   for t, v in zip(call.outputs, call.output_versions))
+        hooked = not self.clone_outputs  # with clones, a hook left on a recorded output came from a forward
+        # hook of the module itself (Grad-CAM style), which runs before the recorder's: nothing more to do
+        return any(t._version != v or (hooked and t._backward_hooks) for calls in self.calls.values()
+                   for call in calls for t, v in zip(call.outputs, call.output_versions))
 
     def _raw_inputs(self, module):
         def pre_hook(mod, args, kwargs):
@@ -142,12 +144,14 @@ class Recorder:
     def _raw_output(self, module):
         def hook(mod, args, output):
             if self._raw[module]:
-                self._raw[module][-1][2] = output
+                versions = [t._version for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+                self._raw[module][-1][2] = (output, versions)
         return hook
 
     def _hook(self, module):
         def hook(mod, args, kwargs, output):
-            raw_args, raw_kwargs, raw_output = self._raw[module].pop() if self._raw[module] else (args, kwargs, output)
+            raw_args, raw_kwargs, raw = self._raw[module].pop() if self._raw[module] else (args, kwargs, None)
+            raw_output, raw_versions = raw if raw is not None else (output, None)
             if not self.active:
                 return None
             out_leaves, out_spec = tree_flatten(output)
@@ -165,7 +169,11 @@ class Recorder:
                 for i in positions:
                     out_leaves[i] = out_leaves[i].clone()
             versions = [t._version for t in _input_tensors(args, kwargs, raw_args, raw_kwargs)]
+            # a hook that replaced the arguments or the output, or changed the output in place
             changed = output is not raw_output or not _same_objects((args, kwargs), (raw_args, raw_kwargs))
+            if raw_versions is not None:
+                changed = changed or raw_versions != [t._version for t in tree_flatten(output)[0]
+                                                      if isinstance(t, torch.Tensor)]
             self.calls[module].append(Call(
                 args=args, kwargs=kwargs, outputs=recorded, output_positions=positions, input_versions=versions,
                 output_versions=[t._version for t in recorded], raw_args=raw_args, raw_kwargs=raw_kwargs,

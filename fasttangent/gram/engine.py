@@ -430,19 +430,38 @@ def _differentiates(rule) -> bool:
     return rule is generic_rule or getattr(rule, "needs_grad", False)
 
 
-def _rows_follow_examples(calls, swapped_calls) -> bool:
-    """Whether the recorded outputs of a pair of examples, run in both orders, swap rows:
-    row i of every output belongs to example i. Calls that differ in number or shape are
-    not compared (the batch-first checks cover them)."""
-    if len(calls) != len(swapped_calls):
+# sample size -> the permutation settle() runs the sample in: for 2 the swap; for 3 and 4,
+# orders that no reversal or cyclic shift of the batch reproduces
+_SAMPLE_ORDERS = {2: [1, 0], 3: [1, 0, 2], 4: [1, 2, 0, 3]}
+
+
+def _spread_sample(x1: torch.Tensor, x2: torch.Tensor | None) -> torch.Tensor:
+    """Up to 4 examples spread evenly over x1 followed by x2 (the first example first)."""
+    n1 = x1.shape[0]
+    n = n1 + (0 if x2 is None else x2.shape[0])
+    picks = sorted({0, n // 3, (2 * n) // 3, n - 1})
+    return torch.stack([x1[i] if i < n1 else x2[i - n1] for i in picks]).detach()
+
+
+def _rows_match(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a batch in another order."""
+    if a.shape != b.shape or not a.is_floating_point():
         return True
-    for call, other in zip(calls, swapped_calls):
-        for out, out_swapped in zip(call.outputs, other.outputs):
-            if out.shape != out_swapped.shape or out.dim() == 0 or out.shape[0] != 2 or not out.is_floating_point():
+    rtol = 1e-3 if a.element_size() >= 4 else 5e-2
+    return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max())))
+
+
+def _rows_follow_examples(calls, permuted_calls, order) -> bool:
+    """Whether the recorded outputs of the sample, run in ``order`` as well, permute their
+    rows the same way: row i of every output belongs to example i. Calls that differ in
+    number or shape are not compared (the batch-first checks cover them)."""
+    if len(calls) != len(permuted_calls):
+        return True
+    for call, other in zip(calls, permuted_calls):
+        for out, out_permuted in zip(call.outputs, other.outputs):
+            if out.shape != out_permuted.shape or out.dim() == 0 or out.shape[0] != len(order):
                 continue
-            a, b = out.detach(), out_swapped.detach().flip(0)
-            rtol = 1e-3 if a.element_size() >= 4 else 5e-2
-            if not torch.allclose(a, b, rtol=rtol, atol=rtol * float(a.abs().max())):
+            if not _rows_match(out.detach()[order], out_permuted.detach()):
                 return False
     return True
 
@@ -529,9 +548,12 @@ class GramEngine:
             for h in handles:
                 h.remove()
         trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        in_graph = {id(child.variable) for node in parameter_users(tree_flatten(out)[0], trainable)
-                    for child, _ in node.next_functions if getattr(child, "variable", None) is not None}
-        self.owners, self.generic = plan_ownership(self.model, called, uses.uses, in_graph)
+        graph_users = {}  # id(parameter) -> the autograd nodes using it
+        for node in parameter_users(tree_flatten(out)[0], trainable):
+            for child, _ in node.next_functions:
+                if id(getattr(child, "variable", None)) in trainable:
+                    graph_users.setdefault(id(child.variable), set()).add(node)
+        self.owners, self.generic = plan_ownership(self.model, called, uses.uses, set(graph_users))
         for module, params in self.owners.items():
             known = getattr(rule_for(module), "parameter_names", None)
             # a hook that replaced the arguments or the output: forward alone does not describe the call
@@ -539,10 +561,26 @@ class GramEngine:
             supported = getattr(rule_for(module), "supports", lambda m: True)(module)
             if hooks_changed or not supported or (known is not None and not set(params) <= known):
                 self.generic.add(module)
+        self._check_structured_uses(rec.calls, graph_users)
         _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule)
         self._probe_calls = rec.calls
         self._own_by_ops(x, uses.together)
         return as_matrix(out, 1).shape[1]
+
+    def _check_structured_uses(self, calls: dict, graph_users: dict) -> None:
+        """An owner on a structured rule covers its parameters' uses inside its calls only:
+        a use elsewhere that the mode could not see (an ``autograd.Function`` or TorchScript
+        outside the module) shows in the graph as a node outside every call; such an
+        owner's parameters go to the model itself, on the generic rule."""
+        for module in [m for m in self.owners if self.rule(m) is not generic_rule]:
+            ids = {id(p) for p in self.owners[module].values()}
+            inside = set()
+            for call in calls.get(module, []):
+                inputs = [t for t in tree_flatten((call.args, call.kwargs, call.raw_args, call.raw_kwargs))[0]
+                          if isinstance(t, torch.Tensor)]
+                inside.update(parameter_users(call.outputs, ids, stop=inputs))
+            if any(node not in inside for pid in ids for node in graph_users.get(pid, ())):
+                self._give_to_model(module)
 
     def _own_by_ops(self, x: torch.Tensor, together: list) -> None:
         """Move the parameters of generic-rule owners to ``ParameterOp`` owners, one per group
@@ -582,27 +620,38 @@ class GramEngine:
         self._probe_calls.update(rec.calls)
 
     def settle(self, x1: torch.Tensor, x2: torch.Tensor | None) -> None:
-        """Settle ownership on forward passes over two examples before any block runs.
+        """Settle ownership on forward passes over a few examples before any block runs.
 
         One example cannot tell a per-example result from one shared by the batch (an op on
         a (1, d) parameter alone), and blocks of one example (n = 1, or x1 of one example in
         a cross Gram) never check it: without this, a later block could change the owners
-        between two blocks whose terms must match. The pair also runs in the other order:
-        an owner whose output rows do not swap with the examples (the forward sorts or
-        routes the batch) does not have example i in row i, which every rule assumes; it
-        goes to the model itself, on the generic rule."""
-        pair = x1[:2] if x2 is None else torch.cat([x1[:1], x2[:1]])
-        if pair.shape[0] != 2:
+        between two blocks whose terms must match. The sample (up to 4 examples spread over
+        x1 and x2) also runs permuted (``_SAMPLE_ORDERS``: orders that neither a reversal nor
+        a cyclic shift of the batch reproduces): an owner whose output rows do not follow
+        the examples (a forward that sorts, rolls or routes the batch) does not have example i
+        in row i, which every rule assumes; it goes to the model itself, on the generic rule.
+        The model's own output must follow the examples and, for the first example, equal its
+        output alone, or the model is not per-example (random, or coupling the examples)."""
+        sample = _spread_sample(x1, x2)
+        if sample.shape[0] < 2:
             return
-        pair = pair.detach()
+        order = torch.tensor(_SAMPLE_ORDERS[sample.shape[0]], device=sample.device)
         with torch.no_grad():  # the recorded passes enable grad themselves; nothing is kept
             while True:
                 self.recorded_once = False  # no terms yet: owners may still change
-                rec, _ = self._record(pair)
+                rec, f = self._record(sample)
                 self.recorded_once = False
-                swapped, _ = self._record(pair.flip(0))
+                permuted, f_permuted = self._record(sample[order])
+                with torch.enable_grad():  # as the model always runs here (its hooks may expect it)
+                    alone = as_matrix(self.model(sample[:1]), 1).detach()  # a coupling symmetric in the examples
+                if not (_rows_match(f.detach()[order], f_permuted.detach()) and _rows_match(f.detach()[:1], alone)):
+                    raise ValueError(
+                        "the model's output for one example depends on the other examples of the batch or is "
+                        "random (the same examples in another order give other outputs); a per-example NTK needs "
+                        "a deterministic forward with no coupling between examples: use eval mode, no batch "
+                        "statistics, no random ops")
                 rows_elsewhere = [m for m in self.owners if m is not self.model
-                                  and not _rows_follow_examples(rec.calls[m], swapped.calls[m])]
+                                  and not _rows_follow_examples(rec.calls[m], permuted.calls[m], order)]
                 if not rows_elsewhere:
                     return
                 for module in rows_elsewhere:
