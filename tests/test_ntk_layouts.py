@@ -323,7 +323,11 @@ class HookScalesOutputInPlace(nn.Module):
     def __init__(self):
         super().__init__()
         self.inner, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
-        self.inner.register_forward_hook(lambda mod, inputs, out: out.mul_(2) and None)
+        self.inner.register_forward_hook(self._double)
+
+    @staticmethod
+    def _double(module, inputs, out):
+        out.mul_(2)  # returns None: the output object stays, its values change
 
     def forward(self, x):
         return self.head(torch.tanh(self.inner(x)))
