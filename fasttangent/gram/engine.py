@@ -565,7 +565,8 @@ class GramEngine:
         _lift_owners_without_batch_dim(self.model, self.owners, self.generic, rec.calls, self.rule)
         self._probe_calls = rec.calls
         self._own_by_ops(x, uses.together)
-        return as_matrix(out, 1).shape[1]
+        self._probe_output = as_matrix(out, 1).detach()  # x[:1] alone (``settle`` compares)
+        return self._probe_output.shape[1]
 
     def _check_structured_uses(self, calls: dict, graph_users: dict) -> None:
         """An owner on a structured rule covers its parameters' uses inside its calls only:
@@ -642,8 +643,9 @@ class GramEngine:
                 rec, f = self._record(sample)
                 self.recorded_once = False
                 permuted, f_permuted = self._record(sample[order])
-                with torch.enable_grad():  # as the model always runs here (its hooks may expect it)
-                    alone = as_matrix(self.model(sample[:1]), 1).detach()  # a coupling symmetric in the examples
+                # the probe ran the sample's first example (x1[0]) alone: a coupling symmetric in
+                # the examples (a batch mean) shows there
+                alone = self._probe_output
                 if not (_rows_match(f.detach()[order], f_permuted.detach()) and _rows_match(f.detach()[:1], alone)):
                     raise ValueError(
                         "the model's output for one example depends on the other examples of the batch or is "

@@ -176,9 +176,18 @@ def _linear_patches(ctx: LayerContext):
     return patches
 
 
+def _with_ones(patches):
+    """Patches (A, G) with a column of ones appended to A: the factored term of [W | b]
+    (per-example gradient Σ_t g_t ⊗ [a_t, 1]), so that G Gᵀ is formed once for both."""
+    return [(torch.cat([A, A.new_ones(*A.shape[:2], 1)], dim=2), G) for A, G in patches]
+
+
 def linear_rule(ctx: LayerContext):
-    """nn.Linear: weight by the cost model (T = 1 is always factored: (aᵢ·aⱼ)(gᵢ·gⱼ)), bias Σ_t g."""
+    """nn.Linear: weight by the cost model (T = 1 is always factored: (aᵢ·aⱼ)(gᵢ·gⱼ)), bias Σ_t g.
+    In the factored form the bias rides along as a column of ones in A: (aᵢ·aⱼ + 1)(gᵢ·gⱼ)."""
     patches = _linear_patches(ctx)
+    if ctx.form == FACTORED and "weight" in ctx.params and "bias" in ctx.params:
+        return _weight_terms(ctx, _with_ones(patches), groups=1)
     bias = _bias_term(patches) if "bias" in ctx.params else []
     weight = _weight_terms(ctx, patches, groups=1) if "weight" in ctx.params else []
     return itertools.chain(bias, weight)  # lazily: the weight's pieces one at a time
