@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fasttangent as ft
-from references import loop_reference
+from references import loop_jacobian, loop_reference
 
 
 class TimeFirst(nn.Module):
@@ -343,3 +343,17 @@ def test_uses_and_changes_outside_the_rules_sight(factory):
         K = ft.ntk_gram(model, x, **kwargs)
         K = K.diagonal(dim1=2, dim2=3).sum(-1) if K.dim() == 4 else K
         assert ((K - reference).norm() / reference.norm()).item() < 1e-10, kwargs
+
+
+def test_gradient_changing_tensor_hook_from_a_forward_hook():
+    """A forward hook puts a hook that triples the gradient on a (non-first) layer's output:
+    a gradient taken with respect to that output comes before the hook, so the layer goes
+    to the generic rule."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model[2].register_forward_hook(lambda mod, inputs, out: out.register_hook(lambda g: 3 * g) and None)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    J = loop_jacobian(model, x)
+    full = torch.einsum("iap,jbp->ijab", J, J)
+    assert torch.allclose(ft.ntk_gram(model, x), full.diagonal(dim1=2, dim2=3).sum(-1), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x, outputs="full"), full, rtol=1e-10, atol=1e-12)

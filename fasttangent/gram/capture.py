@@ -132,7 +132,8 @@ class Recorder:
         tensor must be the one that reaches the layer, after the model's hooks, which holds
         when the rest of the network uses a clone."""
         hooked = not self.clone_outputs  # with clones, a hook left on a recorded output came from a forward
-        # hook of the module itself (Grad-CAM style), which runs before the recorder's: nothing more to do
+        # hook of the module itself (Grad-CAM style), which runs before the recorder's: the call
+        # is marked ``hooks_changed`` instead (the generic rule re-runs the module, hooks included)
         return any(t._version != v or (hooked and t._backward_hooks) for calls in self.calls.values()
                    for call in calls for t, v in zip(call.outputs, call.output_versions))
 
@@ -171,6 +172,9 @@ class Recorder:
             versions = [t._version for t in _input_tensors(args, kwargs, raw_args, raw_kwargs)]
             # a hook that replaced the arguments or the output, or changed the output in place
             changed = output is not raw_output or not _same_objects((args, kwargs), (raw_args, raw_kwargs))
+            # a forward hook that put a gradient hook on the output: a gradient taken with respect
+            # to the output comes before that hook (torch), so the rules would miss what it does
+            changed = changed or any(isinstance(t, torch.Tensor) and t._backward_hooks for t in tree_flatten(output)[0])
             if raw_versions is not None:
                 changed = changed or raw_versions != [t._version for t in tree_flatten(output)[0]
                                                       if isinstance(t, torch.Tensor)]
