@@ -12,6 +12,7 @@ from torch import nn
 import fasttangent as ft
 from fasttangent.gram.engine import GramEngine
 from fasttangent.gram.ops import ParameterOp
+from fasttangent.gram.rules import generic_rule
 from references import loop_jacobian
 
 
@@ -140,9 +141,7 @@ def _owners(model, x):
     engine.probe(x)
     engine._record(x)  # the real pass may hand groups back too
     ops = [m for m in engine.owners if isinstance(m, ParameterOp)]
-    generic = [m for m in engine.owners if m in engine.generic or type(m).__name__ in
-               {"TokenModel", "ConvLayerScale", "TiedDecoder", "ScaledWeight", "InPlaceScale", "SlicedPositions",
-                "TwoOpsOneParameter"}]
+    generic = [m for m in engine.owners if engine.rule(m) is generic_rule]
     covered = sorted(id(p) for params in engine.owners.values() for p in params.values())
     return ops, generic, covered
 

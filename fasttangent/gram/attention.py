@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cost import PatchShape
-from .rules import PerExampleGrads, _weight_terms, register_rule
+from .rules import PerExampleGrads, _is_live, _weight_terms, register_rule
 
 _FORWARD = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -142,7 +142,7 @@ def attention_rule(ctx):
     module, params = ctx.module, ctx.params
     out_weight, out_bias, in_weight, in_bias = [], [], [], []
     for call in ctx.calls:
-        if not (call.cotangents and any(g is not None for g in call.cotangents)):
+        if not _is_live(call):
             continue  # the model output depends on neither output of this call
         arguments = _arguments(module, call)
         g_y = call.cotangents[0] if call.output_positions[0] == 0 else None

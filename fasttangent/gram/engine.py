@@ -556,11 +556,7 @@ class GramEngine:
             for h in handles:
                 h.remove()
         trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        graph_users = {}  # id(parameter) -> the autograd nodes using it
-        for node in parameter_users(tree_flatten(out)[0], trainable):
-            for child, _ in node.next_functions:
-                if id(getattr(child, "variable", None)) in trainable:
-                    graph_users.setdefault(id(child.variable), set()).add(node)
+        graph_users = parameter_users(tree_flatten(out)[0], trainable)  # id(parameter) -> nodes using it
         self.owners, self.generic = plan_ownership(self.model, called, uses.uses, set(graph_users))
         for module, params in self.owners.items():
             known = getattr(rule_for(module), "parameter_names", None)
@@ -587,7 +583,7 @@ class GramEngine:
             for call in calls.get(module, []):
                 inputs = [t for t in tree_flatten((call.args, call.kwargs, call.raw_args, call.raw_kwargs))[0]
                           if isinstance(t, torch.Tensor)]
-                inside.update(parameter_users(call.outputs, ids, stop=inputs))
+                inside.update(*parameter_users(call.outputs, ids, stop=inputs).values())
             if any(node not in inside for pid in ids for node in graph_users.get(pid, ())):
                 self._give_to_model(module)
 
@@ -617,11 +613,12 @@ class GramEngine:
         try:
             with Recorder(ops) as rec, torch.enable_grad(), OpRouter(ops):
                 out = self.model(x[:1].detach())
+            # every use of a group's parameters in the graph must be one of its ops: a use the
+            # mode cannot see (inside an autograd.Function, TorchScript) would be missed
+            users = parameter_users(tree_flatten(out)[0], {id(p) for op in ops for p in op.parameters()})
             for op in ops:
-                # every use of the group's parameters in the graph must be one of its ops: a use
-                # the mode cannot see (inside an autograd.Function, TorchScript) would be missed
-                users = parameter_users(tree_flatten(out)[0], {id(p) for p in op.parameters()})
-                if not calls_are_per_example(op, rec.calls[op], 1) or any(u not in op.covered for u in users):
+                uses = set().union(*(users.get(id(p), ()) for p in op.parameters()))
+                if not calls_are_per_example(op, rec.calls[op], 1) or not uses <= op.covered:
                     op.restore(self.owners, self.generic)
         finally:
             for op in ops:

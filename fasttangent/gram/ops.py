@@ -40,8 +40,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._functional import call_with
 from .capture import Call
-from .rules import LayerContext, PerExampleGrads, _batched_leaves, _per_example_loop, _per_example_vjp, \
-    _sum_or_none, probe_templates, register_rule
+from .rules import LayerContext, PerExampleGrads, _batched_leaves, _is_live, _sum_or_none, cotangents_or_zeros, \
+    per_example_grads, probe_templates, register_rule
 
 
 class ParameterOp(nn.Module):
@@ -73,8 +73,9 @@ class ParameterOp(nn.Module):
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
         if self.trace_nodes:
-            self.covered |= set(parameter_users(tree_flatten(out)[0], self._slot_of,
-                                                stop=[t for t in leaves if isinstance(t, torch.Tensor)]))
+            users = parameter_users(tree_flatten(out)[0], self._slot_of,
+                                    stop=[t for t in leaves if isinstance(t, torch.Tensor)])
+            self.covered.update(*users.values())
         inputs = {id(t) for t in leaves if isinstance(t, torch.Tensor)}
         if any(id(t) in inputs for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
             self.in_place = True  # the recorded input now holds the result: its value is lost
@@ -91,15 +92,15 @@ class ParameterOp(nn.Module):
         return ", ".join(f"{name}: {module.__class__.__name__}.{rel}" for name, (module, rel) in self.fallback.items())
 
 
-def parameter_users(outputs, param_ids, stop=()) -> list:
-    """The autograd nodes, in the graph behind ``outputs``, with an edge into the gradient
-    accumulator of a parameter whose id is in ``param_ids``; the walk does not go past the
-    nodes of the tensors in ``stop`` (an op's inputs: then only the op's own nodes count).
-    Unlike a TorchFunctionMode, the graph also shows uses inside ``autograd.Function``s and
-    TorchScript."""
+def parameter_users(outputs, param_ids, stop=()) -> dict:
+    """{parameter id: set of autograd nodes}, in the graph behind ``outputs``, of the nodes
+    with an edge into the gradient accumulator of a parameter whose id is in ``param_ids``;
+    the walk does not go past the nodes of the tensors in ``stop`` (an op's inputs: then only
+    the op's own nodes count). Unlike a TorchFunctionMode, the graph also shows uses inside
+    ``autograd.Function``s and TorchScript."""
     stop_nodes = {t.grad_fn for t in stop if t.grad_fn is not None}
     stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    seen, users = set(), []
+    seen, users = set(), {}
     while stack:
         node = stack.pop()
         if node in seen or node in stop_nodes:
@@ -111,7 +112,7 @@ def parameter_users(outputs, param_ids, stop=()) -> list:
             variable = getattr(child, "variable", None)  # AccumulateGrad: a leaf's accumulator
             if variable is not None:
                 if id(variable) in param_ids:
-                    users.append(node)
+                    users.setdefault(id(variable), set()).add(node)
                 continue
             stack.append(child)
     return users
@@ -205,10 +206,8 @@ def _masked_rows_vjp(op: ParameterOp, params: dict, call: Call, n: int, c: int, 
         return tuple(out_leaves[i] for i in positions)
 
     _, pullback = vjp(forward, params)
-    device = next(iter(params.values())).device
-    cots = [g if g is not None else torch.zeros((), dtype=o.dtype, device=device).expand(n, c, *o.shape[1:])
-            for g, o in zip(call.cotangents, call.outputs)]
-    rows = torch.eye(n, dtype=cots[0].dtype, device=device)
+    cots = cotangents_or_zeros(call, params, n, c)
+    rows = torch.eye(n, dtype=cots[0].dtype, device=cots[0].device)
 
     def one_example(row):
         # the outputs in a loop, not a nested vmap (see ``rules._per_example_vjp``)
@@ -266,7 +265,7 @@ def op_rule(ctx: LayerContext):
     params = {name: p.detach() for name, p in ctx.params.items()}
     totals = []
     for call, probe_call in zip(ctx.calls, probe_templates(ctx)):
-        if not (call.cotangents and any(g is not None for g in call.cotangents)):
+        if not _is_live(call):
             continue
         leaves, _ = tree_flatten((call.raw_args, call.raw_kwargs))
         # without the probe's view of the call, a (T, d) table with T = n would be sliced
@@ -274,14 +273,9 @@ def op_rule(ctx: LayerContext):
         probe_leaves = None if probe_call is None else tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))[0]
         if probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
             try:
-                grads = _per_example_vjp(op, params, call, n, c, probe_call)
-            except (RuntimeError, ValueError):  # an op without a batching rule
-                grads = None
-            if grads is None or any(tuple(grads[k].shape) != (n, c, *p.shape) for k, p in params.items()):
-                try:
-                    grads = _per_example_loop(op, params, call, n, c, probe_call)
-                except (RuntimeError, ValueError):  # the op does not run on one example's slice
-                    grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
+                grads = per_example_grads(op, params, call, n, c, probe_call)
+            except (RuntimeError, ValueError):  # the op does not run on one example's slice
+                grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
         else:
             grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
         totals.append(torch.cat([grads[name].reshape(n, c, -1) for name in params], dim=2))

@@ -468,15 +468,21 @@ def probe_templates(ctx: LayerContext) -> list:
     return [None] * len(ctx.calls)
 
 
+def cotangents_or_zeros(call: Call, params: dict, n: int, c: int) -> list:
+    """The call's cotangents (n, c, ...), zeros (expanded, no memory) for outputs that do not
+    reach the model output; on the parameters' device (outputs may be shape-only meta tensors)."""
+    device = next(iter(params.values())).device
+    return [g if g is not None else torch.zeros((), dtype=o.dtype, device=device).expand(n, c, *o.shape[1:])
+            for g, o in zip(call.cotangents, call.outputs)]
+
+
 def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
     """{name: (n, c, *shape)} gradients of ``params`` for every example and output."""
     leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
     is_batched = _batched_leaves(leaves, probe_call, n)
     batched = [t.detach() for t, b in zip(leaves, is_batched) if b]
     positions = call.output_positions
-    device = next(iter(params.values())).device  # call.outputs may be shape-only (meta) tensors
-    cots = [g if g is not None else torch.zeros((), dtype=o.dtype, device=device).expand(n, c, *o.shape[1:])
-            for g, o in zip(call.cotangents, call.outputs)]
+    cots = cotangents_or_zeros(call, params, n, c)
 
     def one_example(p, example_leaves, example_cots):
         it = iter(example_leaves)
@@ -525,6 +531,17 @@ def _has_shapes(grads: dict, params: dict, n: int, c: int) -> bool:
     return all(tuple(grads[name].shape) == (n, c, *p.shape) for name, p in params.items())
 
 
+def per_example_grads(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None):
+    """``_per_example_vjp``, or ``_per_example_loop`` where vmap fails or returns wrong shapes."""
+    try:
+        grads = _per_example_vjp(module, params, call, n, c, probe_call)
+    except (RuntimeError, ValueError):  # also ops without a batching rule
+        grads = None  # no working vmap rule for some op of the module
+    if grads is None or not _has_shapes(grads, params, n, c):
+        grads = _per_example_loop(module, params, call, n, c, probe_call)
+    return grads
+
+
 def generic_rule(ctx: LayerContext):
     """Any module: per-example vjp of ``functional_call`` of this module alone."""
     params = {name: p.detach() for name, p in ctx.params.items()}
@@ -532,12 +549,7 @@ def generic_rule(ctx: LayerContext):
     for call, probe_call in zip(ctx.calls, probe_templates(ctx)):
         if not _is_live(call):
             continue
-        try:
-            grads = _per_example_vjp(ctx.module, params, call, ctx.n, ctx.c, probe_call)
-        except (RuntimeError, ValueError):  # also ops without a batching rule
-            grads = None  # no working vmap rule for some op of the module
-        if grads is None or not _has_shapes(grads, params, ctx.n, ctx.c):
-            grads = _per_example_loop(ctx.module, params, call, ctx.n, ctx.c, probe_call)
+        grads = per_example_grads(ctx.module, params, call, ctx.n, ctx.c, probe_call)
         totals.append(torch.cat([grads[name].reshape(ctx.n, ctx.c, -1) for name in params], dim=2))
     total = _sum_or_none(totals)
     return [] if total is None else [PerExampleGrads(total)]
