@@ -408,3 +408,143 @@ def test_time_first_op_is_not_owned_by_the_op():
     model = TimeFirstOp().double().eval()
     ops, generic, _ = _owners(model, torch.randn(5, 3, 4, dtype=torch.float64))
     assert not ops and len(generic) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Closed forms: +, -, *, expand and dense ops (x @ w, w @ x, F.linear) on bare parameters
+# take exact formulas instead of a vmap per op and output; dense groups take a factored term.
+
+class BareOps(nn.Module):
+    """Hand-written layers on bare parameters, every closed form at least once: a sequence
+    through x @ w + b, a square weight used as x @ w and as w @ x (two orientations of the
+    same parameter), F.linear with and without its bias, layer scales of two shapes, a
+    parameter subtracted and added (a sign error would show) and an expanded token."""
+
+    def __init__(self, d=4, tokens=3):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(5, d) / 2)
+        self.b_in = nn.Parameter(torch.randn(d))
+        self.square = nn.Parameter(torch.randn(d, d) / 2)
+        self.gamma = nn.Parameter(torch.randn(d))
+        self.time_scale = nn.Parameter(torch.randn(1, tokens, 1))
+        self.shift = nn.Parameter(torch.randn(tokens, d))
+        self.token = nn.Parameter(torch.randn(1, 1, d))
+        self.w_out = nn.Parameter(torch.randn(3, d) / 2)
+        self.b_out = nn.Parameter(torch.randn(3))
+        self.w_aux = nn.Parameter(torch.randn(3, d) / 2)
+
+    def forward(self, x):  # (n, T, 5) -> (n, 3)
+        h = torch.tanh(x @ self.w_in + self.b_in)  # (n, T, d)
+        h = h + self.gamma * torch.sin(h @ self.square)
+        h = torch.tanh(self.square @ h.transpose(1, 2)).transpose(1, 2) * self.time_scale
+        h = torch.cat([self.token.expand(h.shape[0], -1, -1), torch.tanh(h - self.shift) + torch.cos(self.shift + h)],
+                      dim=1) * self.gamma
+        pooled = h.mean(1)
+        return F.linear(pooled, self.w_out, self.b_out) + 0.5 * F.linear(torch.cos(pooled), self.w_aux)
+
+
+class BareMLP(nn.Module):
+    """Dense layers as x @ w + b only: every group is a dense weight or an added bias."""
+
+    def __init__(self, widths=(6, 8, 8, 3)):
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(a, b) / a**0.5) for a, b in zip(widths, widths[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.randn(b)) for b in widths[1:])
+
+    def forward(self, x):
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = x @ w + b
+            x = torch.tanh(x) if i + 1 < len(self.weights) else x
+        return x
+
+
+class SharedWeightLinear(nn.Module):
+    """One weight in F.linear with its bias and again without: two uses that differ, so each
+    call's gradient is formed on its own and summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) / 2)
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.w, self.b))
+        return F.linear(h, self.w)[:, :3]
+
+
+CLOSED_FORMS = {
+    "bare_ops": (BareOps, lambda n: torch.randn(n, 3, 5, dtype=torch.float64)),
+    "bare_mlp": (BareMLP, lambda n: torch.randn(n, 6, dtype=torch.float64)),
+    "shared_weight_linear": (SharedWeightLinear, lambda n: torch.randn(n, 4, dtype=torch.float64)),
+}
+
+
+@pytest.fixture
+def no_vjp(monkeypatch):
+    """Make the vjp routes of the op rule fail: the closed forms must carry the model."""
+    import fasttangent.gram.ops as ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a closed-form op went through a vjp")
+
+    monkeypatch.setattr(ops, "per_example_grads", refuse)
+    monkeypatch.setattr(ops, "_masked_rows", refuse)
+
+
+@pytest.mark.parametrize("name", list(CLOSED_FORMS))
+def test_closed_form_models_are_owned_by_their_ops(name):
+    factory, inputs = CLOSED_FORMS[name]
+    torch.manual_seed(4)
+    ops, generic, covered = _owners(factory().double().eval(), inputs(5))
+    assert ops and not generic
+
+
+@pytest.mark.parametrize("conv_form", ["auto", "factored", "materialized"])
+@pytest.mark.parametrize("name", list(CLOSED_FORMS))
+def test_closed_forms_match_loop_reference(name, conv_form, no_vjp):
+    factory, inputs = CLOSED_FORMS[name]
+    torch.manual_seed(4)
+    model = factory().double().eval()
+    x1, x2 = inputs(5), inputs(3)
+    J1, J2 = loop_jacobian(model, x1), loop_jacobian(model, x2)
+    full = torch.einsum("iap,jbp->ijab", J1, J2)
+    K = ft.ntk_gram(model, x1, x2, outputs="full", conv_form=conv_form)
+    assert torch.allclose(K, full, rtol=1e-10, atol=1e-12)
+    trace = torch.einsum("iap,jap->ij", J1, J1)
+    assert torch.allclose(ft.ntk_gram(model, x1, conv_form=conv_form, block_size=2), trace, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x1, outputs=2, conv_form=conv_form), J1[:, 2] @ J1[:, 2].T,
+                          rtol=1e-10, atol=1e-12)
+
+
+def test_closed_forms_in_float32_against_float64():
+    torch.manual_seed(5)
+    model = BareOps().double().eval()
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    J = loop_jacobian(model, x)
+    reference = torch.einsum("iap,jap->ij", J, J)
+    K = ft.ntk_gram(model.float(), x.float())
+    assert K.dtype == torch.float32
+    assert ((K.double() - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def _planned_forms(model, x, owners_of_interest):
+    engine = GramEngine(model, full=False, selected=[0], backend="torch", memory_budget=1 << 30, conv_form="auto")
+    engine.probe(x)
+    engine.plan(128, 128, 1)
+    return [engine.forms.get(m) for m in engine.owners if owners_of_interest(m)]
+
+
+def test_dense_groups_are_planned_like_linear_layers():
+    """x @ w groups get the forms nn.Linear layers of the same sizes get (here factored for
+    the 64 x 64 weights, materialized for the small head); the added biases get none."""
+    torch.manual_seed(6)
+    widths = (64, 64, 64, 3)
+    x = torch.randn(4, 64, dtype=torch.float64)
+    bare = _planned_forms(BareMLP(widths=widths).double(), x,
+                          lambda m: isinstance(m, ParameterOp) and next(m.parameters()).dim() == 2)
+    layers = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    linear = _planned_forms(layers, x, lambda m: isinstance(m, nn.Linear))
+    assert bare == linear and "factored" in bare
+    biases = _planned_forms(BareMLP(widths=widths).double(), x,
+                            lambda m: isinstance(m, ParameterOp) and next(m.parameters()).dim() == 1)
+    assert biases == [None] * 3

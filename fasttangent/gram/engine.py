@@ -731,10 +731,10 @@ class GramEngine:
             per_output += sum(_tensor_bytes(call.outputs) for call in calls)
             n_params = sum(p.numel() for p in params.values())
             shapes = getattr(self.rule(module), "patch_shapes", None)
-            if shapes is None or not calls:
+            layer_shapes = shapes(module, calls) if shapes is not None and calls else []
+            if not layer_shapes:  # per-example gradients only
                 per_output += n_params * itemsize
                 continue
-            layer_shapes = shapes(module, calls)
             self.forms[module] = self._choose(layer_shapes, n1, n2, chunk, itemsize)
             layer_patch = sum(shape.positions * shape.d_in * shape.groups * itemsize for shape in layer_shapes)
             largest_patch = max(largest_patch, layer_patch)

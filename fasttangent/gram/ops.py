@@ -32,7 +32,10 @@ handed back to the module that would own it otherwise (``ParameterOp.restore``).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
 from torch.overrides import TorchFunctionMode
@@ -40,7 +43,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._functional import call_with
 from .capture import Call
-from .rules import LayerContext, PerExampleGrads, _batched_leaves, _is_live, _sum_or_none, cotangents_or_zeros, \
+from .cost import FACTORED, PatchShape
+from .rules import FactoredTerm, LayerContext, PerExampleGrads, _batched_leaves, _is_live, _sum_or_none, cotangents_or_zeros, \
     per_example_grads, probe_templates, register_rule
 
 
@@ -62,9 +66,6 @@ class ParameterOp(nn.Module):
         self.in_place = False  # set when an op wrote its result into one of its inputs
         self.trace_nodes = False  # on the probe: collect the autograd nodes of the ops (``covered``)
         self.covered = set()
-
-    def routes(self, leaves) -> bool:
-        return any(isinstance(t, nn.Parameter) and id(t) in self._slot_of for t in leaves)
 
     def forward(self, func, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
@@ -126,14 +127,16 @@ class OpRouter(TorchFunctionMode):
     def __init__(self, ops):
         super().__init__()
         self.ops = list(ops)
+        # parameter id -> its group: one lookup per argument, not one scan of every group
+        self._op_of = {pid: op for op in self.ops for pid in op._slot_of}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.ops and torch.is_grad_enabled():
+        if self._op_of and torch.is_grad_enabled():
             leaves, _ = tree_flatten((args, kwargs))
-            for op in self.ops:
-                if op.routes(leaves):
-                    return op(func, *args, **kwargs)
+            for t in leaves:
+                if isinstance(t, nn.Parameter) and id(t) in self._op_of:
+                    return self._op_of[id(t)](func, *args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -259,10 +262,212 @@ def _example_chunk(call: Call, n: int, c: int, term_bytes: int | None) -> int:
     return max(1, min(n, (term_bytes or per_example * n) // max(per_example, 1)))
 
 
+# Closed forms of the commonest ops, exact and without vmap: a model built from hundreds
+# of ``x @ w + b`` / ``gamma * y`` ops would otherwise pay a vmap per op and output. Each
+# assumes only what every op rule does: row i of the op's output is example i's.
+
+_ADD = {torch.add, torch.Tensor.add}
+_SUB = {torch.sub, torch.Tensor.sub}
+_MUL = {torch.mul, torch.Tensor.mul}
+_EXPAND = {torch.Tensor.expand, torch.broadcast_to}
+_MATMUL = {torch.matmul, torch.Tensor.matmul}
+_LINEAR = {F.linear}
+
+
+def _sum_to_parameter(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+    """Reduce t (n, c, *S), S the op output's trailing shape, to (n, c, *p.shape) by summing
+    the dimensions over which p was broadcast; None when p was not broadcast over the
+    examples (p's aligned leading dimension is not 1: its rows are not shared)."""
+    full = (1,) * (t.dim() - 1 - p.dim()) + tuple(p.shape)  # p aligned right to (n, *S)
+    if len(full) != t.dim() - 1 or full[0] != 1:
+        return None
+    trailing = t.shape[2:]
+    summed = [2 + d for d, (size, out) in enumerate(zip(full[1:], trailing)) if size == 1 and out != 1]
+    if any(size not in (1, out) for size, out in zip(full[1:], trailing)):
+        return None
+    if summed:
+        t = t.sum(dim=summed, keepdim=True)
+    return t.reshape(t.shape[0], t.shape[1], *p.shape)
+
+
+def _elementwise_grad(func, args, slot: int, g: torch.Tensor):
+    """Per-example gradient (n, c, *S) of the op's argument ``slot`` (before the reduction
+    to the parameter's shape) for +, -, * and expansions, or None for another op."""
+    other = args[1 - slot] if len(args) == 2 else None
+    if func in _ADD:
+        return g
+    if func in _SUB:
+        return g if slot == 0 else -g
+    if func in _MUL and len(args) == 2:
+        if isinstance(other, torch.Tensor):
+            if other.is_complex() or other.dim() > g.dim() - 1:
+                return None
+            # other broadcasts against the output (n, *S): align it with g's (n, c, *S)
+            other = other.unsqueeze(1) if other.dim() == g.dim() - 1 else other
+        elif not isinstance(other, (int, float)):
+            return None
+        return g * other
+    if func in _EXPAND and slot == 0:
+        return g
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseUse:
+    """A parameter used as the weight of a dense op (``F.linear(x, w, b)``, ``x @ w``,
+    ``w @ x``) with x carrying the examples first: per example, its gradient is
+    Σ_t g_t ⊗ a_t over positions t, a factored term like nn.Linear's. ``bias``: the slot of
+    ``F.linear``'s bias when the group owns it too (it rides as a column of ones in a);
+    ``cotangent_dim``: the weight dimension the output cotangent g runs along (0 for
+    ``F.linear`` and ``w @ x``, 1 for ``x @ w``)."""
+
+    weight: str
+    bias: str | None
+    cotangent_dim: int
+
+
+def dense_use(op: ParameterOp, call: Call) -> DenseUse | None:
+    """How one recorded call uses its group's parameters as a dense weight, or None."""
+    if len(call.outputs) != 1 or call.output_positions != [0] or call.raw_kwargs:
+        return None
+    func, args = call.raw_args[0], call.raw_args[1:]
+    if not _only_top_level(op, args):
+        return None
+
+    def data(t, least_dim):  # a per-example operand: not one of the group's parameters
+        return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= least_dim
+
+    def weight(t):
+        return _is_group_parameter(op, t) and t.dim() == 2 and not t.is_complex()
+
+    if func in _LINEAR and len(args) in (2, 3) and data(args[0], 2) and weight(args[1]):
+        bias = args[2] if len(args) == 3 else None
+        owned = _is_group_parameter(op, bias)
+        if bias is not None and not owned and not isinstance(bias, torch.Tensor):
+            return None
+        return DenseUse(op._slot_of[id(args[1])], op._slot_of[id(bias)] if owned else None, 0)
+    if func in _MATMUL and len(args) == 2:
+        x, w = args
+        if data(x, 2) and weight(w):
+            return DenseUse(op._slot_of[id(w)], None, 1)
+        if weight(x) and data(w, 3):  # w (d_out, d_in) @ x (n, ..., d_in, T)
+            return DenseUse(op._slot_of[id(x)], None, 0)
+    return None
+
+
+def dense_patches(use: DenseUse, call: Call, n: int, c: int) -> tuple:
+    """(A (n, T, d_a), G (n, c, T, d_g)) of one dense call: the operand's positions and the
+    output cotangent's, such that the weight's per-example gradient is Σ_t G_t ⊗ A_t (laid
+    out along the weight's dims by ``use.cotangent_dim``); a column of ones is appended
+    to A when the bias rides along."""
+    func, args = call.raw_args[0], call.raw_args[1:]
+    g = call.cotangents[0]
+    if func in _MATMUL and use.cotangent_dim == 0:  # w @ x: positions are x's last dim
+        x = args[1]
+        A = x.transpose(-1, -2).reshape(n, -1, x.shape[-2])
+        G = g.transpose(-1, -2).reshape(n, c, -1, g.shape[-2])
+    else:
+        x = args[0]
+        A, G = x.reshape(n, -1, x.shape[-1]), g.reshape(n, c, -1, g.shape[-1])
+    A = A.detach().to(G.dtype)
+    if use.bias is not None:
+        A = torch.cat([A, A.new_ones(n, A.shape[1], 1)], dim=2)
+    return A, G
+
+
+def _dense_grads(use: DenseUse, call: Call, params: dict, n: int, c: int) -> dict:
+    """{name: (n, c, *shape)} of the weight (and bias) of one dense call, from its patches."""
+    A, G = dense_patches(use, call, n, c)
+    bias_grad = None
+    if use.bias is not None:
+        A, bias_grad = A[:, :, :-1], G.sum(dim=2)
+    equation = "nktg,nta->nkga" if use.cotangent_dim == 0 else "nktg,nta->nkag"
+    grads = {use.weight: torch.einsum(equation, G, A)}
+    if bias_grad is not None:
+        grads[use.bias] = bias_grad
+    return grads
+
+
+def dense_group(op: ParameterOp, calls: list, params) -> DenseUse | None:
+    """The one ``DenseUse`` shared by all ``calls`` of a group that owns exactly its weight
+    (and bias), or None: then each call's gradients are formed separately."""
+    uses = {dense_use(op, call) for call in calls}
+    if len(uses) != 1 or None in uses:
+        return None
+    use = uses.pop()
+    return use if {use.weight, use.bias} - {None} == set(params) else None
+
+
+def _op_patch_shapes(op: ParameterOp, calls: list) -> list:
+    """The factored term's size for a dense group (from the probe's calls, one example),
+    which the engine's cost model weighs against materialized per-example gradients; []
+    for any other group."""
+    use = dense_group(op, calls, dict(op.named_parameters()))
+    if use is None:
+        return []
+    positions = 0
+    for call in calls:
+        func, args = call.raw_args[0], call.raw_args[1:]
+        x = args[1] if func in _MATMUL and use.cotangent_dim == 0 else args[0]
+        d_a = x.shape[-2] if func in _MATMUL and use.cotangent_dim == 0 else x.shape[-1]
+        positions += x[:1].numel() // max(d_a, 1)
+    weight = getattr(op, use.weight)
+    d_g, d_a = weight.shape if use.cotangent_dim == 0 else weight.shape[::-1]
+    return [PatchShape(max(positions, 1), d_a + (use.bias is not None), d_g, 1)]
+
+
+def _is_group_parameter(op: ParameterOp, value) -> bool:
+    return isinstance(value, nn.Parameter) and id(value) in op._slot_of
+
+
+def _only_top_level(op: ParameterOp, args) -> bool:
+    """Whether the group's parameters appear among ``args`` only as whole arguments (not
+    inside a list or a tuple argument, where the closed forms do not look)."""
+    top = sum(_is_group_parameter(op, a) for a in args)
+    return top == sum(_is_group_parameter(op, leaf) for leaf in tree_flatten(args)[0])
+
+
+def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int) -> dict | None:
+    """{name: (n, c, *shape)} per-example gradients of one recorded call of a common op
+    (+, -, * with a broadcast parameter, ``expand``, ``x @ w``, ``w @ x``, ``F.linear``),
+    or None when the call is not one of those (then a vjp computes them)."""
+    if len(call.outputs) != 1 or call.output_positions != [0] or call.raw_kwargs:
+        return None
+    func, args = call.raw_args[0], call.raw_args[1:]
+    slots = [i for i, a in enumerate(args) if _is_group_parameter(op, a)]
+    names = [op._slot_of[id(args[i])] for i in slots]
+    if not slots or not _only_top_level(op, args) or len(set(names)) != len(names) or not set(names) <= set(params):
+        return None  # a parameter twice (p * p), or inside a list: left to the vjp
+    if any(isinstance(a, torch.Tensor) and a.is_complex() for a in args):
+        return None
+    use = dense_use(op, call)
+    if use is not None:
+        computed = _dense_grads(use, call, params, n, c)
+    else:
+        if func in _MUL and len(slots) > 1:
+            return None  # p * q: each factor is the other's "input"; left to the vjp
+        g = call.cotangents[0]
+        computed = {}
+        for slot, name in zip(slots, names):
+            grad = _elementwise_grad(func, args, slot, g)
+            computed[name] = None if grad is None else _sum_to_parameter(grad, params[name])
+    grads = {}
+    for name, p in params.items():
+        grad = computed.get(name)
+        if name not in computed:  # a parameter of the group this call does not use
+            grad = p.new_zeros(()).expand(n, c, *p.shape)
+        if grad is None or tuple(grad.shape) != (n, c, *p.shape):
+            return None
+        grads[name] = grad.to(p.dtype)
+    return grads
+
+
 def op_rule(ctx: LayerContext):
     """``ParameterOp``: per-example vjp of each recorded op alone (see the module docstring)."""
     op, n, c = ctx.module, ctx.n, ctx.c
     params = {name: p.detach() for name, p in ctx.params.items()}
+    if ctx.form == FACTORED:  # the probe found a dense group, and the cost model chose
+        return _factored_dense_terms(op, ctx)
     totals = []
     for call, probe_call in zip(ctx.calls, probe_templates(ctx)):
         if not _is_live(call):
@@ -271,7 +476,10 @@ def op_rule(ctx: LayerContext):
         # without the probe's view of the call, a (T, d) table with T = n would be sliced
         # as if per example: masked rows need no such guess
         probe_leaves = None if probe_call is None else tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))[0]
-        if probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
+        closed = closed_form_grads(op, params, call, n, c)
+        if closed is not None:
+            grads = closed
+        elif probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
             try:
                 grads = per_example_grads(op, params, call, n, c, probe_call)
             except (RuntimeError, ValueError):  # the op does not run on one example's slice
@@ -283,5 +491,23 @@ def op_rule(ctx: LayerContext):
     return [] if total is None else [PerExampleGrads(total)]
 
 
+def _factored_dense_terms(op: ParameterOp, ctx: LayerContext) -> list:
+    """One factored term for a dense group: its calls' patches joined along positions."""
+    live = [call for call in ctx.calls if _is_live(call)]
+    if not live:
+        return []
+    use = dense_group(op, live, ctx.params)
+    if use is None:
+        raise RuntimeError(
+            f"the ops using the parameters {sorted(ctx.params)} ({op.extra_repr()}) changed between the "
+            "one-example probe and a block of examples (data-dependent control flow), so their Gram terms "
+            "cannot be paired; pass conv_form='materialized' to ntk_gram")
+    patches = [dense_patches(use, call, ctx.n, ctx.c) for call in live]
+    A = torch.cat([a for a, _ in patches], dim=1) if len(patches) > 1 else patches[0][0]
+    G = torch.cat([g for _, g in patches], dim=2) if len(patches) > 1 else patches[0][1]
+    return [FactoredTerm(A, G)]
+
+
+op_rule.patch_shapes = _op_patch_shapes
 op_rule.needs_grad = True  # torch.func differentiates the op: built after each pass, with grad enabled
 register_rule(ParameterOp, op_rule)
