@@ -133,11 +133,19 @@ class OpRouter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._op_of and torch.is_grad_enabled():
-            leaves, _ = tree_flatten((args, kwargs))
-            for t in leaves:
+            for t in _leaves(args, kwargs):
                 if isinstance(t, nn.Parameter) and id(t) in self._op_of:
                     return self._op_of[id(t)](func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _leaves(args: tuple, kwargs: dict):
+    """The arguments' leaves; without pytree's cost when no argument is a container (most
+    ops: the mode sees every op of the forward pass)."""
+    flat = (*args, *kwargs.values())
+    if any(isinstance(a, (list, tuple, dict)) for a in flat):
+        return tree_flatten((args, kwargs))[0]
+    return flat
 
 
 def parameter_groups(candidates: dict, together: list) -> list:
@@ -462,6 +470,22 @@ def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int)
     return grads
 
 
+def _grads_by_vjp(op: ParameterOp, params: dict, call: Call, probe_call: Call | None, n: int, c: int,
+                  term_bytes: int | None) -> dict:
+    """Per-example gradients of any op: a vjp on each example's slice of the per-example
+    arguments, or of the whole op with the cotangent kept on one row."""
+    leaves, _ = tree_flatten((call.raw_args, call.raw_kwargs))
+    # without the probe's view of the call, a (T, d) table with T = n would be sliced
+    # as if per example: masked rows need no such guess
+    probe_leaves = None if probe_call is None else tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))[0]
+    if probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
+        try:
+            return per_example_grads(op, params, call, n, c, probe_call)
+        except (RuntimeError, ValueError):  # the op does not run on one example's slice
+            pass
+    return _masked_rows(op, params, call, n, c, term_bytes)
+
+
 def op_rule(ctx: LayerContext):
     """``ParameterOp``: per-example vjp of each recorded op alone (see the module docstring)."""
     op, n, c = ctx.module, ctx.n, ctx.c
@@ -472,20 +496,9 @@ def op_rule(ctx: LayerContext):
     for call, probe_call in zip(ctx.calls, probe_templates(ctx)):
         if not _is_live(call):
             continue
-        leaves, _ = tree_flatten((call.raw_args, call.raw_kwargs))
-        # without the probe's view of the call, a (T, d) table with T = n would be sliced
-        # as if per example: masked rows need no such guess
-        probe_leaves = None if probe_call is None else tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))[0]
-        closed = closed_form_grads(op, params, call, n, c)
-        if closed is not None:
-            grads = closed
-        elif probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
-            try:
-                grads = per_example_grads(op, params, call, n, c, probe_call)
-            except (RuntimeError, ValueError):  # the op does not run on one example's slice
-                grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
-        else:
-            grads = _masked_rows(op, params, call, n, c, ctx.term_bytes)
+        grads = closed_form_grads(op, params, call, n, c)
+        if grads is None:
+            grads = _grads_by_vjp(op, params, call, probe_call, n, c, ctx.term_bytes)
         totals.append(torch.cat([grads[name].reshape(n, c, -1) for name in params], dim=2))
     total = _sum_or_none(totals)
     return [] if total is None else [PerExampleGrads(total)]
