@@ -482,7 +482,7 @@ def _grads_by_vjp(op: ParameterOp, params: dict, call: Call, probe_call: Call | 
         try:
             return per_example_grads(op, params, call, n, c, probe_call)
         except (RuntimeError, ValueError):  # the op does not run on one example's slice
-            pass
+            return _masked_rows(op, params, call, n, c, term_bytes)
     return _masked_rows(op, params, call, n, c, term_bytes)
 
 
