@@ -67,8 +67,8 @@ class TiedDecoder(nn.Module):
 
 
 class ScaledWeight(nn.Module):
-    """The weight is rescaled before the conv: the op using it (w * s) does not see the
-    examples, so these parameters stay with the module on the generic rule."""
+    """The weight is rescaled before the conv: ``w * s`` does not see the examples, its
+    result is a shared tensor of the group, and the conv using it is the group's op."""
 
     def __init__(self):
         super().__init__()
@@ -96,7 +96,7 @@ class InPlaceScale(nn.Module):
 
 
 class SlicedPositions(nn.Module):
-    """``pos[:, :T]``: the op using pos returns one table for all examples."""
+    """``pos[:, :T]``: one table for all examples (a shared tensor), added to each example."""
 
     def __init__(self):
         super().__init__()
@@ -128,9 +128,9 @@ CASES = {
     "tokens": (TokenModel, lambda n: torch.randn(n, 3, 4, dtype=torch.float64), 3, 0),
     "conv_layer_scale": (ConvLayerScale, lambda n: torch.randn(n, 2, 5, 5, dtype=torch.float64), 1, 0),
     "tied_decoder": (TiedDecoder, lambda n: torch.randint(0, 7, (n, 4)), 1, 0),
-    "scaled_weight": (ScaledWeight, lambda n: torch.randn(n, 2, 5, 5, dtype=torch.float64), 0, 1),
+    "scaled_weight": (ScaledWeight, lambda n: torch.randn(n, 2, 5, 5, dtype=torch.float64), 1, 0),
     "in_place_scale": (InPlaceScale, lambda n: torch.randn(n, 4, dtype=torch.float64), 0, 1),
-    "sliced_positions": (SlicedPositions, lambda n: torch.randn(n, 4, 4, dtype=torch.float64), 0, 1),
+    "sliced_positions": (SlicedPositions, lambda n: torch.randn(n, 4, 4, dtype=torch.float64), 1, 0),
     "two_ops_one_parameter": (TwoOpsOneParameter, lambda n: torch.randn(n, 4, dtype=torch.float64), 1, 0),
 }
 
@@ -548,3 +548,165 @@ def test_dense_groups_are_planned_like_linear_layers():
     biases = _planned_forms(BareMLP(widths=widths).double(), x,
                             lambda m: isinstance(m, ParameterOp) and next(m.parameters()).dim() == 1)
     assert biases == [None] * 3
+
+
+# ---------------------------------------------------------------------------------------
+# Shared tensors: results of ops on a group's parameters without the examples (a sliced
+# position table, nanoGPT's wpe(arange(T)), a rescaled weight) belong to the group; the ops
+# combining them with the examples are its ops, differentiated through the shared tensor.
+
+class PositionsByEmbedding(nn.Module):
+    """nanoGPT's embeddings: tokens by wte(idx), positions by wpe(arange(T)), no examples in
+    the second; then a sliced table and a transposed weight (pos[:T], w.T), also shared."""
+
+    def __init__(self, vocab=9, block=6, d=5):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(block, d)
+        self.table = nn.Parameter(torch.randn(block, d))
+        self.mix = nn.Parameter(torch.randn(d, d) / 2)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, idx):  # (n, T) -> (n, 3)
+        T = idx.shape[1]
+        h = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        h = torch.tanh(h) * self.table[:T]
+        h = torch.tanh(h @ self.mix.T)
+        return self.head(h.mean(1))
+
+
+class ManualWeightNorm(nn.Module):
+    """w / ‖w‖ · g computed in the forward, then used by F.linear: a shared tensor as weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(6, 4))
+        self.g = nn.Parameter(torch.randn(6, 1))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        w = self.v / self.v.norm(dim=1, keepdim=True) * self.g
+        return self.head(torch.tanh(F.linear(x, w)))
+
+
+class Opaque(torch.autograd.Function):
+    """A function the TorchFunctionMode cannot look into (its result is not tracked)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class SharedIntoOpaque(nn.Module):
+    """A shared tensor used inside an autograd.Function: a use no op shows (graph check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+        self.pos = nn.Parameter(torch.randn(5, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):  # (n, T, 4), T <= 5
+        table = self.pos[:x.shape[1]]
+        h = torch.tanh(self.inner(x) + table) + Opaque.apply(table)
+        return self.head(h.mean(1))
+
+
+@torch.jit.script
+def _scripted_double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+class ExamplesThroughScript(nn.Module):
+    """Examples coming out of TorchScript are not tracked (the mode sees no op there): the op
+    on them looks shared on one example and grows with the batch on more, so the group
+    goes back to the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y = self.inner(x)
+        h = _scripted_double(torch.tanh(y))
+        return self.head(torch.sin(h * self.scale) + y * self.scale)
+
+
+class JoinedGroups(nn.Module):
+    """A shared tensor of one group combined with another group's parameter, no examples:
+    the two groups are joined into one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 3)
+        self.a = nn.Parameter(torch.randn(1, 3))
+        self.b = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x) * (self.a.exp() + self.b)))
+
+
+SHARED = {
+    # name: (factory, inputs, ParameterOp owners expected, generic owners expected)
+    "positions_by_embedding": (PositionsByEmbedding, lambda n: torch.randint(0, 9, (n, 4)), 4, 0),
+    "manual_weight_norm": (ManualWeightNorm, lambda n: torch.randn(n, 4, dtype=torch.float64), 1, 0),
+    "shared_into_opaque": (SharedIntoOpaque, lambda n: torch.randn(n, 4, 4, dtype=torch.float64), 0, 1),
+    "examples_through_script": (ExamplesThroughScript, lambda n: torch.randn(n, 4, dtype=torch.float64), 0, 1),
+    "joined_groups": (JoinedGroups, lambda n: torch.randn(n, 4, dtype=torch.float64), 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_shared_tensors_ownership(name):
+    factory, inputs, n_ops, n_generic = SHARED[name]
+    torch.manual_seed(7)
+    model = factory().double().eval()
+    ops, generic, covered = _owners(model, inputs(5))
+    assert (len(ops), len(generic)) == (n_ops, n_generic)
+    assert covered == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", list(SHARED))
+def test_shared_tensors_match_loop_reference(name):
+    factory, inputs = SHARED[name][:2]
+    torch.manual_seed(7)
+    model = factory().double().eval()
+    x1, x2 = inputs(4), inputs(3)  # n = 4 = T: a table's length equals the block's
+    J1, J2 = loop_jacobian(model, x1), loop_jacobian(model, x2)
+    full = torch.einsum("iap,jbp->ijab", J1, J2)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), full, rtol=1e-10, atol=1e-12)
+    trace = torch.einsum("iap,jap->ij", J1, J1)
+    for kwargs in ({}, {"block_size": 2}, {"block_size": 3}):
+        assert torch.allclose(ft.ntk_gram(model, x1, **kwargs), trace, rtol=1e-10, atol=1e-12), kwargs
+
+
+def test_position_tables_take_closed_forms(no_vjp):
+    """x + wpe(arange(T)) and h * table[:T]: the gradient through the shared tensor is the
+    closed form pulled back through its tape, no vjp of the ops with the examples."""
+    torch.manual_seed(8)
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wpe = nn.Embedding(6, 5)
+            self.table = nn.Parameter(torch.randn(6, 5))
+            self.inner = nn.Linear(3, 5)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):  # (n, T, 3)
+            T = x.shape[1]
+            h = self.inner(x) + self.wpe(torch.arange(T))
+            return self.head((torch.tanh(h) * self.table[:T]).mean(1))
+
+    model = Positions().double().eval()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    J = loop_jacobian(model, x)
+    assert torch.allclose(ft.ntk_gram(model, x, outputs="full"), torch.einsum("iap,jbp->ijab", J, J),
+                          rtol=1e-10, atol=1e-12)

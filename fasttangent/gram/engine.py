@@ -485,6 +485,10 @@ def _tensor_bytes(tree) -> int:
 # ------------------------------------------------------------------------------------
 # The engine.
 
+# rounds of joining op groups whose shared tensors meet (each round joins every such pair)
+_JOIN_ROUNDS = 4
+
+
 class GramEngine:
     """Computes Gram blocks of one model for one output selection (see the module docstring)."""
 
@@ -591,11 +595,24 @@ class GramEngine:
         """Move the parameters of generic-rule owners to ``ParameterOp`` owners, one per group
         of parameters used together by some op (see ``ops``), and keep the groups whose ops
         give the examples first in a second one-example forward pass; an owner left without
-        parameters is dropped."""
-        candidates = {id(p): (module, rel, p) for module, params in self.owners.items()
-                      if self.rule(module) is generic_rule for rel, p in params.items()}
-        if not candidates:
-            return
+        parameters is dropped. Groups whose shared tensors meet in an op (``v / ‖v‖ * g``)
+        are joined and the pass is run again."""
+        together = list(together)
+        for _ in range(_JOIN_ROUNDS):
+            candidates = {id(p): (module, rel, p) for module, params in self.owners.items()
+                          if self.rule(module) is generic_rule for rel, p in params.items()}
+            if not candidates:
+                return
+            ops = self._parameter_ops(candidates, together)
+            joined = self._keep_per_example_ops(ops, x)
+            if not joined:
+                return
+            for op in ops:  # start again with the joined groups as one
+                op.restore(self.owners, self.generic)
+            together += joined
+
+    def _parameter_ops(self, candidates: dict, together: list) -> list:
+        """One ``ParameterOp`` owner per group of ``candidates`` ({id: (module, name, p)})."""
         ops = []
         for group in parameter_groups(candidates, together):
             params = {f"p{i}": candidates[pid][2] for i, pid in enumerate(group)}
@@ -608,22 +625,37 @@ class GramEngine:
         for module in [m for m, params in self.owners.items() if not params]:
             del self.owners[module]
             self.generic.discard(module)
+        return ops
+
+    def _keep_per_example_ops(self, ops: list, x: torch.Tensor) -> list:
+        """Run one example through the model with ``ops`` routed; hand back the groups whose
+        ops do not give the examples first or whose parameters have uses no op shows. Return
+        the groups joined by an op (tuples of parameter ids), or [] when none were."""
         for op in ops:
             op.trace_nodes = True
         try:
-            with Recorder(ops) as rec, torch.enable_grad(), OpRouter(ops):
-                out = self.model(x[:1].detach())
-            # every use of a group's parameters in the graph must be one of its ops: a use the
-            # mode cannot see (inside an autograd.Function, TorchScript) would be missed
-            users = parameter_users(tree_flatten(out)[0], {id(p) for op in ops for p in op.parameters()})
+            example = x[:1].detach()
+            router = OpRouter(ops, inputs=example)
+            with Recorder(ops) as rec, torch.enable_grad(), router:
+                out = self.model(example)
+            if router.joined:
+                return [tuple(id(p) for op in group for p in op.parameters()) for group in router.joined]
+            # every use of a group's parameters (and of its shared tensors) in the graph must be
+            # one of its ops: a use the mode cannot see (inside an autograd.Function,
+            # TorchScript) would be missed
+            shared = {op: op.derived_nodes() for op in ops}
+            users = parameter_users(tree_flatten(out)[0], {id(p) for op in ops for p in op.parameters()},
+                                    targets=set().union(*shared.values()))
             for op in ops:
-                uses = set().union(*(users.get(id(p), ()) for p in op.parameters()))
+                op.probe_tape_shapes = op.tape_shapes()
+                uses = set().union(*(users.get(key, ()) for key in [id(p) for p in op.parameters()] + list(shared[op])))
                 if not calls_are_per_example(op, rec.calls[op], 1) or not uses <= op.covered:
                     op.restore(self.owners, self.generic)
         finally:
             for op in ops:
                 op.trace_nodes, op.covered = False, set()
         self._probe_calls.update(rec.calls)
+        return []
 
     def settle(self, x1: torch.Tensor, x2: torch.Tensor | None) -> None:
         """Settle ownership on forward passes over a few examples before any block runs.
@@ -675,10 +707,10 @@ class GramEngine:
             target[next(name for name, q in self.model.named_parameters(remove_duplicate=False) if q is p)] = p
         self.generic.add(self.model)
 
-    def _op_router(self):
-        """Routes the ops of the ``ParameterOp`` owners during a recorded forward pass."""
+    def _op_router(self, x: torch.Tensor):
+        """Routes the ops of the ``ParameterOp`` owners during a recorded forward pass on x."""
         ops = [m for m in self.owners if isinstance(m, ParameterOp)]
-        return OpRouter(ops) if ops else contextlib.nullcontext()
+        return OpRouter(ops, inputs=x) if ops else contextlib.nullcontext()
 
     def one_pass_bytes(self, n: int) -> float:
         """Estimated peak bytes of ``stream_gram`` over n examples (``plan`` must have run):
@@ -824,7 +856,7 @@ class GramEngine:
         on the first block and remembered."""
         n = x.shape[0]
         with Recorder(self.owners, clone_outputs=self.clone_outputs) as rec, torch.enable_grad(), \
-                self._op_router():
+                self._op_router(x):
             f = as_matrix(self.model(x), n)
         rec.active = False
         if rec.outputs_modified():

@@ -33,6 +33,7 @@ handed back to the module that would own it otherwise (``ParameterOp.restore``).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -62,25 +63,116 @@ class ParameterOp(nn.Module):
         for name, p in params.items():
             self.register_parameter(name, p)
         self._slot_of = {id(p): name for name, p in params.items()}
+        self._originals = dict(params)
         self.fallback = fallback
         self.in_place = False  # set when an op wrote its result into one of its inputs
+        self.tangled = False  # set when an op mixed this group's tensors with another group's
         self.trace_nodes = False  # on the probe: collect the autograd nodes of the ops (``covered``)
         self.covered = set()
+        # shared tensors: results of ops on the group's parameters without the examples
+        # (pos[:, :T], an embedding of arange(T), w * g), {id: (weakref, tape)}; a tape is the
+        # list of such ops of one forward pass, (func, args, kwargs, output leaves)
+        self.derived = {}
+        self.tape = []
+        self.probe_tape_shapes = None
 
     def forward(self, func, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
-        swapped = [getattr(self, self._slot_of[id(t)]) if isinstance(t, nn.Parameter) and id(t) in self._slot_of
-                   else t for t in leaves]
+        replayed = self._replayed(leaves)
+        swapped = [getattr(self, self._slot_of[id(t)]) if self._is_parameter(t) else replayed.get(id(t), t)
+                   for t in leaves]
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
+        self._after_op(leaves, out)
+        return out
+
+    def run_shared(self, func, args: tuple, kwargs: dict):
+        """Run an op on the group's tensors that does not involve the examples: its result is
+        a shared tensor of this group, not recorded (it has no per-example cotangent); the
+        ops using it are routed here, and a rule differentiating them replays the tape."""
+        out = func(*args, **kwargs)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outputs:  # p.shape, p.dim(): nothing to differentiate
+            return out
+        self._after_op(tree_flatten((args, kwargs))[0], out)
+        self.tape.append((func, args, kwargs, outputs))
+        for t in outputs:
+            self.derived[id(t)] = (weakref.ref(t), self.tape)
+        return out
+
+    def _after_op(self, leaves, out) -> None:
         if self.trace_nodes:
             users = parameter_users(tree_flatten(out)[0], self._slot_of,
-                                    stop=[t for t in leaves if isinstance(t, torch.Tensor)])
+                                    stop=[t for t in leaves if isinstance(t, torch.Tensor)],
+                                    targets=self.derived_nodes())
             self.covered.update(*users.values())
         inputs = {id(t) for t in leaves if isinstance(t, torch.Tensor)}
         if any(id(t) in inputs for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
             self.in_place = True  # the recorded input now holds the result: its value is lost
-        return out
+
+    def _is_parameter(self, t) -> bool:
+        return isinstance(t, nn.Parameter) and id(t) in self._slot_of
+
+    def shared_tensor(self, t) -> bool:
+        """Whether ``t`` is a shared tensor of this group (a result of ``run_shared``)."""
+        entry = self.derived.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry is not None and entry[0]() is t
+
+    def derived_nodes(self) -> set:
+        """The autograd nodes of the live shared tensors (their uses count as the group's)."""
+        nodes = set()
+        for ref, _ in self.derived.values():
+            t = ref()
+            if t is not None and t.grad_fn is not None:
+                nodes.add(t.grad_fn)
+        return nodes
+
+    def replay(self, tape: list, values: dict) -> dict:
+        """{id of a shared tensor: its value recomputed from ``values`` ({slot: tensor}, e.g.
+        the functional parameters of a vjp)}: the ops of ``tape`` run again in order."""
+        current = {id(p): values[slot] for slot, p in self._originals.items()}
+        for func, args, kwargs, outputs in tape:
+            leaves, spec = tree_flatten((args, kwargs))
+            leaves = [current.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in leaves]
+            out_args, out_kwargs = tree_unflatten(leaves, spec)
+            results = [t for t in tree_flatten(func(*out_args, **out_kwargs))[0] if isinstance(t, torch.Tensor)]
+            current.update({id(old): new for old, new in zip(outputs, results)})
+        return current
+
+    def _replayed(self, leaves) -> dict:
+        """Shared tensors among ``leaves`` recomputed from this module's current slots when
+        those are not the parameters themselves (``functional_call`` swapped them: a rule
+        differentiates the op); {} during the recorded forward pass."""
+        shared = [t for t in leaves if self.shared_tensor(t)]
+        if not shared or all(getattr(self, slot) is p for slot, p in self._originals.items()):
+            return {}
+        values = {slot: getattr(self, slot) for slot in self._originals}
+        replayed = {}
+        for tape in {id(self.derived[id(t)][1]): self.derived[id(t)][1] for t in shared}.values():
+            replayed.update(self.replay(tape, values))
+        return replayed
+
+    def pull_back(self, shared: torch.Tensor, grads: torch.Tensor, params: dict) -> dict:
+        """{name: (n, c, *shape)} from per-example gradients (n, c, *shared.shape) of a shared
+        tensor: the vjp of the tape that made it, for every example and output at once."""
+        tape = self.derived[id(shared)][1]
+        _, pullback = vjp(lambda p: self.replay(tape, p)[id(shared)], params)
+        n, c = grads.shape[:2]
+        flat = grads.reshape(n * c, *shared.shape)
+        try:
+            pulled = vmap(lambda g: pullback(g)[0])(flat)
+        except (RuntimeError, ValueError):  # an op of the tape without a batching rule
+            rows = [pullback(g)[0] for g in flat]
+            pulled = {name: torch.stack([row[name] for row in rows]) for name in params}
+        return {name: pulled[name].reshape(n, c, *p.shape) for name, p in params.items()}
+
+    def start_pass(self) -> None:
+        """A new forward pass: a new tape; shared tensors no longer alive are forgotten."""
+        self.tape = []
+        self.derived = {k: v for k, v in self.derived.items() if v[0]() is not None}
+
+    def tape_shapes(self) -> list:
+        return [tuple(tuple(t.shape) for t in outputs) for _, _, _, outputs in self.tape]
 
     def restore(self, owners: dict, generic: set) -> None:
         """Hand the parameters back to their fallback owners (on the generic rule)."""
@@ -93,12 +185,13 @@ class ParameterOp(nn.Module):
         return ", ".join(f"{name}: {module.__class__.__name__}.{rel}" for name, (module, rel) in self.fallback.items())
 
 
-def parameter_users(outputs, param_ids, stop=()) -> dict:
+def parameter_users(outputs, param_ids, stop=(), targets=()) -> dict:
     """{parameter id: set of autograd nodes}, in the graph behind ``outputs``, of the nodes
-    with an edge into the gradient accumulator of a parameter whose id is in ``param_ids``;
-    the walk does not go past the nodes of the tensors in ``stop`` (an op's inputs: then only
-    the op's own nodes count). Unlike a TorchFunctionMode, the graph also shows uses inside
-    ``autograd.Function``s and TorchScript."""
+    with an edge into the gradient accumulator of a parameter whose id is in ``param_ids``
+    (and {node: set of nodes} of those with an edge into a node of ``targets``: the uses of
+    shared tensors); the walk does not go past the nodes of the tensors in ``stop`` (an op's
+    inputs: then only the op's own nodes count). Unlike a TorchFunctionMode, the graph also
+    shows uses inside ``autograd.Function``s and TorchScript."""
     stop_nodes = {t.grad_fn for t in stop if t.grad_fn is not None}
     stack = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     seen, users = set(), {}
@@ -110,6 +203,8 @@ def parameter_users(outputs, param_ids, stop=()) -> dict:
         for child, _ in node.next_functions:
             if child is None:
                 continue
+            if child in targets:
+                users.setdefault(child, set()).add(node)
             variable = getattr(child, "variable", None)  # AccumulateGrad: a leaf's accumulator
             if variable is not None:
                 if id(variable) in param_ids:
@@ -119,24 +214,81 @@ def parameter_users(outputs, param_ids, stop=()) -> dict:
     return users
 
 
-class OpRouter(TorchFunctionMode):
-    """Within a forward pass, sends each op that uses a parameter of one of ``ops`` (a list
-    of ``ParameterOp``) through that ``ParameterOp``, where the module hooks record it.
-    Ops outside autograd (no grad mode) run unchanged: they cannot contribute."""
+_EXPANSIONS = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to, torch.Tensor.broadcast_to,
+               torch.Tensor.repeat}
 
-    def __init__(self, ops):
+
+class OpRouter(TorchFunctionMode):
+    """Within a forward pass, sends each op that uses a parameter or a shared tensor of one
+    of ``ops`` (a list of ``ParameterOp``) through that ``ParameterOp``, where the module
+    hooks record it. The tensors that carry the examples (``inputs``, and every result of an
+    op on one of them) are tracked: an op of a group without any is a shared op
+    (``ParameterOp.run_shared``), not recorded. Ops outside autograd (no grad mode) are not
+    routed: they cannot contribute."""
+
+    def __init__(self, ops, inputs=()):
         super().__init__()
         self.ops = list(ops)
         # parameter id -> its group: one lookup per argument, not one scan of every group
         self._op_of = {pid: op for op in self.ops for pid in op._slot_of}
+        self._examples = {}  # id -> weakref of the tensors that carry the examples
+        self._shared = {}  # id -> (weakref, group) of the shared tensors of this pass
+        self.joined = []  # the groups that some op used together (tuples)
+        self._mark_examples(tree_flatten(inputs)[0])
+
+    def __enter__(self):
+        for op in self.ops:
+            op.start_pass()
+        return super().__enter__()
+
+    def _mark_examples(self, leaves) -> None:
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                self._examples[id(t)] = weakref.ref(t)
+
+    def _carries_examples(self, t) -> bool:
+        ref = self._examples.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def _groups_of(self, leaves) -> list:
+        groups = []
+        for t in leaves:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if isinstance(t, nn.Parameter):
+                op = self._op_of.get(id(t))
+            else:
+                entry = self._shared.get(id(t))
+                op = entry[1] if entry is not None and entry[0]() is t else None
+            if op is not None and op not in groups:
+                groups.append(op)
+        return groups
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self._op_of and torch.is_grad_enabled():
-            for t in _leaves(args, kwargs):
-                if isinstance(t, nn.Parameter) and id(t) in self._op_of:
-                    return self._op_of[id(t)](func, *args, **kwargs)
-        return func(*args, **kwargs)
+        leaves = _leaves(args, kwargs)
+        examples = any(self._carries_examples(t) for t in leaves)
+        groups = self._groups_of(leaves) if torch.is_grad_enabled() else []
+        if len(groups) > 1:  # an op joining two groups: neither can be differentiated alone
+            self.joined.append(tuple(groups))
+            for op in groups:
+                op.tangled = True
+        # an expansion (cls.expand(n, -1, -1)) makes the examples' rows from no example: its
+        # result is per example, recorded like any op with the examples
+        examples = examples or func in _EXPANSIONS
+        if not groups:
+            out = func(*args, **kwargs)
+        elif examples:
+            out = groups[0](func, *args, **kwargs)
+        else:
+            out = groups[0].run_shared(func, args, kwargs)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._shared[id(t)] = (weakref.ref(t), groups[0])
+            return out
+        if examples:
+            self._mark_examples(tree_flatten(out)[0] if isinstance(out, (list, tuple, dict)) else (out,))
+        return out
 
 
 def _leaves(args: tuple, kwargs: dict):
@@ -191,8 +343,10 @@ def calls_are_per_example(op: ParameterOp, calls: list, n: int, probe_calls: lis
     whose leading dimension is n (1 in the one-example probe), and no op wrote into its
     inputs or had them overwritten later (the rule re-runs the op on them), and (given the
     probe's calls) no argument carries the examples other than first."""
-    if op.in_place or not calls or any(call.inputs_modified() for call in calls):
+    if op.in_place or op.tangled or not calls or any(call.inputs_modified() for call in calls):
         return False
+    if n > 1 and op.probe_tape_shapes is not None and op.tape_shapes() != op.probe_tape_shapes:
+        return False  # a "shared" result that grows with the batch was per example after all
     # a call without a recorded output is an op outside autograd's sight (inside a vmap of
     # the forward, or not differentiable): too little is known about it
     if not all(call.outputs and all(o.dim() > 0 and o.shape[0] == n for o in call.outputs) for call in calls):
@@ -302,9 +456,9 @@ def _elementwise_grad(func, args, slot: int, g: torch.Tensor):
     """Per-example gradient (n, c, *S) of the op's argument ``slot`` (before the reduction
     to the parameter's shape) for +, -, * and expansions, or None for another op."""
     other = args[1 - slot] if len(args) == 2 else None
-    if func in _ADD:
+    if func in _ADD and len(args) == 2:  # not the deprecated add(x, alpha, p)
         return g
-    if func in _SUB:
+    if func in _SUB and len(args) == 2:
         return g if slot == 0 else -g
     if func in _MUL and len(args) == 2:
         if isinstance(other, torch.Tensor):
@@ -339,8 +493,8 @@ def dense_use(op: ParameterOp, call: Call) -> DenseUse | None:
     if len(call.outputs) != 1 or call.output_positions != [0] or call.raw_kwargs:
         return None
     func, args = call.raw_args[0], call.raw_args[1:]
-    if not _only_top_level(op, args):
-        return None
+    if not _only_top_level(op, args) or any(op.shared_tensor(a) for a in args):
+        return None  # a shared tensor's gradient needs its tape: not a dense use
 
     def data(t, least_dim):  # a per-example operand: not one of the group's parameters
         return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= least_dim
@@ -353,6 +507,8 @@ def dense_use(op: ParameterOp, call: Call) -> DenseUse | None:
         owned = _is_group_parameter(op, bias)
         if bias is not None and not owned and not isinstance(bias, torch.Tensor):
             return None
+        if owned and tuple(bias.shape) != (args[1].shape[0],):
+            return None  # a broadcast bias ((1,), ()) is not one column of ones
         return DenseUse(op._slot_of[id(args[1])], op._slot_of[id(bias)] if owned else None, 0)
     if func in _MATMUL and len(args) == 2:
         x, w = args
@@ -428,37 +584,42 @@ def _is_group_parameter(op: ParameterOp, value) -> bool:
     return isinstance(value, nn.Parameter) and id(value) in op._slot_of
 
 
+def _is_group_tensor(op: ParameterOp, value) -> bool:
+    """A parameter of the group or one of its shared tensors."""
+    return _is_group_parameter(op, value) or op.shared_tensor(value)
+
+
 def _only_top_level(op: ParameterOp, args) -> bool:
-    """Whether the group's parameters appear among ``args`` only as whole arguments (not
-    inside a list or a tuple argument, where the closed forms do not look)."""
-    top = sum(_is_group_parameter(op, a) for a in args)
-    return top == sum(_is_group_parameter(op, leaf) for leaf in tree_flatten(args)[0])
+    """Whether the group's tensors appear among ``args`` only as whole arguments (not inside
+    a list or a tuple argument, where the closed forms do not look)."""
+    top = sum(_is_group_tensor(op, a) for a in args)
+    return top == sum(_is_group_tensor(op, leaf) for leaf in tree_flatten(args)[0])
 
 
 def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int) -> dict | None:
     """{name: (n, c, *shape)} per-example gradients of one recorded call of a common op
-    (+, -, * with a broadcast parameter, ``expand``, ``x @ w``, ``w @ x``, ``F.linear``),
-    or None when the call is not one of those (then a vjp computes them)."""
+    (+, -, * with a broadcast parameter or shared tensor, ``expand``, ``x @ w``, ``w @ x``,
+    ``F.linear``), or None when the call is not one of those (then a vjp computes them).
+    A shared tensor's gradient is pulled back to the parameters through its tape."""
     if len(call.outputs) != 1 or call.output_positions != [0] or call.raw_kwargs:
         return None
     func, args = call.raw_args[0], call.raw_args[1:]
-    slots = [i for i, a in enumerate(args) if _is_group_parameter(op, a)]
-    names = [op._slot_of[id(args[i])] for i in slots]
-    if not slots or not _only_top_level(op, args) or len(set(names)) != len(names) or not set(names) <= set(params):
-        return None  # a parameter twice (p * p), or inside a list: left to the vjp
+    slots = [i for i, a in enumerate(args) if _is_group_tensor(op, a)]
+    ids = [id(args[i]) for i in slots]
+    names = {op._slot_of[id(args[i])] for i in slots if _is_group_parameter(op, args[i])}
+    if not slots or not _only_top_level(op, args) or len(set(ids)) != len(ids) or not names <= set(params):
+        return None  # a tensor twice (p * p), or inside a list: left to the vjp
     if any(isinstance(a, torch.Tensor) and a.is_complex() for a in args):
         return None
     use = dense_use(op, call)
     if use is not None:
         computed = _dense_grads(use, call, params, n, c)
+    elif func in _MUL and len(slots) > 1:
+        return None  # p * q: each factor is the other's "input"; left to the vjp
     else:
-        if func in _MUL and len(slots) > 1:
-            return None  # p * q: each factor is the other's "input"; left to the vjp
-        g = call.cotangents[0]
-        computed = {}
-        for slot, name in zip(slots, names):
-            grad = _elementwise_grad(func, args, slot, g)
-            computed[name] = None if grad is None else _sum_to_parameter(grad, params[name])
+        computed = _elementwise_grads(op, func, args, slots, call.cotangents[0], params)
+        if computed is None:
+            return None
     grads = {}
     for name, p in params.items():
         grad = computed.get(name)
@@ -468,6 +629,25 @@ def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int)
             return None
         grads[name] = grad.to(p.dtype)
     return grads
+
+
+def _elementwise_grads(op: ParameterOp, func, args, slots: list, g: torch.Tensor, params: dict) -> dict | None:
+    """{name: (n, c, *shape)} of the group tensors at ``slots`` of an elementwise op, summed
+    where a parameter enters both directly and through a shared tensor; None if any fails."""
+    computed = {}
+    for slot in slots:
+        tensor = args[slot]
+        grad = _elementwise_grad(func, args, slot, g)
+        grad = None if grad is None else _sum_to_parameter(grad, tensor)
+        if grad is None:
+            return None
+        if _is_group_parameter(op, tensor):
+            parts = {op._slot_of[id(tensor)]: grad}
+        else:
+            parts = op.pull_back(tensor, grad, params)
+        for name, part in parts.items():
+            computed[name] = part if name not in computed else computed[name] + part
+    return computed
 
 
 def _grads_by_vjp(op: ParameterOp, params: dict, call: Call, probe_call: Call | None, n: int, c: int,
