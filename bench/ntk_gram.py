@@ -55,18 +55,61 @@ import time
 import torch
 from torch import nn
 
-MODELS = {"mlp": 256, "cnn": 128, "vit": 64}
+MODELS = {"mlp": 256, "cnn": 128, "vit": 64, "gpt": 64}
 MODEL_LABELS = {"mlp": "MLP 3072→512→512→10", "cnn": "CNN 32-64-128 conv3×3 + max-pool, linear (CIFAR)",
-                "vit": "ViT (torchvision) patch 4, 4 layers, width 128, 4 heads (CIFAR)"}
+                "vit": "ViT (torchvision) patch 4, 4 layers, width 128, 4 heads (CIFAR)",
+                "gpt": "nanoGPT-style char model: 2 layers, width 64, 4 heads, 32 tokens, tied head, 65 outputs"}
 METHOD_NAMES = ("fasttangent", "torch.func", "nngeometry")
 WARMUP_EXAMPLES = 2
-SMALL_N = {"mlp": 16, "cnn": 4, "vit": 4}  # sizes for the extrapolation of a capped baseline
+SMALL_N = {"mlp": 16, "cnn": 4, "vit": 4, "gpt": 4}  # sizes for the extrapolation of a capped baseline
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # memory workers only
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention as nanoGPT writes it: one Linear for q, k, v, SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.heads = heads
+
+    def forward(self, x):
+        n, T, width = x.shape
+        q, k, v = (t.view(n, T, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, dim=2))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(n, T, width))
+
+
+class CharGPT(nn.Module):
+    """A nanoGPT-style character model: token and position embeddings (the positions as
+    wpe(arange(T)), shared by all examples), pre-norm blocks, a head tied to the token
+    embedding; the logits of the next character after the last position."""
+
+    def __init__(self, vocab=65, block=32, layers=2, heads=4, width=64):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(block, width)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln_1=nn.LayerNorm(width), attn=CausalSelfAttention(width, heads), ln_2=nn.LayerNorm(width),
+            mlp=nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))))
+            for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = x + b["attn"](b["ln_1"](x))
+            x = x + b["mlp"](b["ln_2"](x))
+        return self.head(self.ln_f(x[:, -1]))
 
 
 def build(model_name: str, n: int):
     """Model (eval) and n inputs, deterministic."""
     torch.manual_seed(0)
+    if model_name == "gpt":  # shared position embeddings, a tied head (no target: a reference row)
+        return CharGPT().eval(), torch.randint(0, 65, (n, 32))
     if model_name == "mlp":
         model = nn.Sequential(nn.Linear(3072, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
         x = torch.randn(n, 3072)

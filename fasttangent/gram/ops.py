@@ -18,17 +18,34 @@ together in some op). While the engine records a forward pass, ``OpRouter`` (a
 ``TorchFunctionMode``) sends every op that uses a parameter of a group through the
 group's ``ParameterOp``, so that the usual module hooks record the op's arguments and
 output and the backward passes deliver its cotangents. ``op_rule`` turns a recorded op
-into per-example gradients:
+into per-example gradients, cheapest first:
 
-- an op with per-example tensor arguments (x in ``x + pos``): a per-example vjp of the op
-  on each example's slice, under vmap (the generic rule's machinery, on one op);
-- an op without any (``cls.expand(n, -1, -1)``): the per-example gradient is the vjp of
-  the op's output row i alone, computed as the vjp of the whole op with the cotangent
-  kept on row i only.
+- closed forms (``closed_form_grads``): for ``x + p``, ``x - p``, ``x * p`` and
+  expansions, g (times x) summed over the dimensions p was broadcast over; for dense ops
+  (``x @ w``, ``w @ x``, ``F.linear(x, w, b)``) Σ_t g_t ⊗ x_t, and when every call of a
+  group is the same dense use, one factored term planned like nn.Linear's;
+- an op with per-example tensor arguments (x in ``torch.where(m, x, p)``): a per-example
+  vjp of the op on each example's slice, under vmap (the generic rule's machinery, on
+  one op);
+- an op without any: the per-example gradient is the vjp of the op's output row i alone,
+  computed as the vjp of the whole op with the cotangent kept on row i only.
 
-A group whose op does not give the examples first (``w * scale`` before a convolution,
-``pos[:, :T]``, an op on time-first sequences) or that writes into its input in place is
-handed back to the module that would own it otherwise (``ParameterOp.restore``).
+Shared tensors. The router also tracks which tensors carry the examples (the model's
+input and every result of an op on one). An op on a group's parameters without any such
+argument (``pos[:, :T]``, nanoGPT's ``wpe(arange(T))``, ``w.T``, ``v / ‖v‖ · g``) makes
+a tensor shared by all examples: it is not recorded but kept on the group's tape
+(``ParameterOp.run_shared``), and the ops combining it with the examples are the group's
+recorded ops. Their per-example gradient with respect to the shared tensor is pulled back
+to the parameters through the tape (a vjp of the tape, vmapped over examples and
+outputs), and the vjp routes replay the tape from the functional parameters. Groups whose
+shared tensors meet in one op are joined.
+
+A group is handed back to the module that would own it otherwise (``ParameterOp.restore``,
+generic rule) when an op does not give the examples first (an op on time-first
+sequences), writes into its input in place, sees its inputs overwritten later, has uses
+that only the autograd graph shows (an ``autograd.Function`` or TorchScript using a
+parameter or a shared tensor), or makes a "shared" tensor that grows with the batch (the
+examples came through TorchScript, where the router cannot follow them).
 """
 from __future__ import annotations
 
