@@ -53,9 +53,34 @@ def check_launchable(kernel, op: str) -> None:
     """
     if not triton_interpreting():
         return
+    if _interpreter_breaks_on_numpy():
+        raise RuntimeError(f"{op}: Triton {triton.__version__}'s interpreter cannot run loops under NumPy "
+                           f"{_numpy_version()} (NumPy 2.4 refuses the conversion it makes: 'only 0-dimensional "
+                           "arrays can be converted to Python scalars'); use triton>=3.7 or numpy<2.4 with "
+                           "TRITON_INTERPRET=1")
     if any(type(fn).__name__ != "InterpretedFunction" for fn in (kernel, tl.cdiv)):
         raise RuntimeError(f"{op}: TRITON_INTERPRET=1 was set after triton (or fasttangent.kernels) was imported, "
                            "so the kernels were compiled for a GPU; set it before anything imports triton")
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _numpy_version() -> str:
+    import numpy
+    return numpy.__version__
+
+
+def _interpreter_breaks_on_numpy() -> bool:
+    """Triton < 3.7 turns loop bounds into Python ints with ``int(array)`` on 1-element
+    arrays, which NumPy 2.4 no longer allows (measured: triton 3.6 fails with numpy 2.4.6
+    and runs with 2.3.5; triton 3.7 squeezes first)."""
+    return _version(triton.__version__) < (3, 7) and _version(_numpy_version()) >= (2, 4)
 
 
 def pick_backend(chosen: str, requested: str, tensors, op: str, dtypes=KERNEL_DTYPES) -> str:

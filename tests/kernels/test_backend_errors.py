@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r'''
 import json, os
 import torch
@@ -50,3 +52,18 @@ def test_triton_on_cpu_needs_the_interpreter():
     for name, message in messages.items():
         assert name in message and "TRITON_INTERPRET=1" in message and "CUDA tensors" in message, (name, message)
     assert "set it before anything imports triton" in late, late
+
+
+def test_old_triton_interpreter_with_new_numpy_is_named(monkeypatch):
+    """Triton < 3.7's interpreter fails on NumPy 2.4 deep inside a loop: the launch check
+    says which versions to use instead."""
+    from fasttangent.kernels import _triton
+    monkeypatch.setattr(_triton.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(_triton, "_numpy_version", lambda: "2.4.6")
+    with pytest.raises(RuntimeError, match=r"triton>=3.7 or numpy<2.4"):
+        _triton.check_launchable(None, "gram")
+    monkeypatch.setattr(_triton, "_numpy_version", lambda: "2.3.5")
+    assert not _triton._interpreter_breaks_on_numpy()
+    monkeypatch.setattr(_triton.triton, "__version__", "3.7.0")
+    monkeypatch.setattr(_triton, "_numpy_version", lambda: "2.4.6")
+    assert not _triton._interpreter_breaks_on_numpy()
