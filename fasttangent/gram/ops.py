@@ -675,9 +675,12 @@ def _grads_by_vjp(op: ParameterOp, params: dict, call: Call, probe_call: Call | 
     # without the probe's view of the call, a (T, d) table with T = n would be sliced
     # as if per example: masked rows need no such guess
     probe_leaves = None if probe_call is None else tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))[0]
-    if probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n)):
+    # the group's shared tensors are never per example, even with a leading size of 1 = n
+    shared = op.shared_tensor
+    if probe_leaves is not None and len(probe_leaves) == len(leaves) and any(_batched_leaves(leaves, probe_call, n,
+                                                                                               shared)):
         try:
-            return per_example_grads(op, params, call, n, c, probe_call)
+            return per_example_grads(op, params, call, n, c, probe_call, shared)
         except (RuntimeError, ValueError):  # the op does not run on one example's slice
             return _masked_rows(op, params, call, n, c, term_bytes)
     return _masked_rows(op, params, call, n, c, term_bytes)

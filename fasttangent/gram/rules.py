@@ -434,13 +434,15 @@ def layernorm_rule(ctx: LayerContext):
 # ----------------------------------------------------------------------------------------
 # Generic rule: per-example torch.func over the module alone (reference-quality fallback).
 
-def _batched_leaves(leaves, probe_call: Call | None, n: int) -> list:
+def _batched_leaves(leaves, probe_call: Call | None, n: int, shared=None) -> list:
     """Which argument leaves carry the examples first: a leading dimension of n here and,
     when the probe's call (one example) is known, of 1 there, so that an argument that is
-    not per example (a (T, d) table, an attention mask) is not split even when T = n."""
+    not per example (a (T, d) table, an attention mask) is not split even when T = n.
+    ``shared(t)``: whether t is known to be shared by all examples (an op group's shared
+    tensor, whose leading size may be 1 = n in a block of one example)."""
     # a parameter passed as an argument is never per example, whatever its leading size
     batched = [isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() > 0 and t.shape[0] == n
-               for t in leaves]
+               and not (shared is not None and shared(t)) for t in leaves]
     if probe_call is None:
         return batched
     probe_leaves, _ = tree_flatten((probe_call.raw_args, probe_call.raw_kwargs))
@@ -476,10 +478,11 @@ def cotangents_or_zeros(call: Call, params: dict, n: int, c: int) -> list:
             for g, o in zip(call.cotangents, call.outputs)]
 
 
-def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
+def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None,
+                     shared=None):
     """{name: (n, c, *shape)} gradients of ``params`` for every example and output."""
     leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
-    is_batched = _batched_leaves(leaves, probe_call, n)
+    is_batched = _batched_leaves(leaves, probe_call, n, shared)
     batched = [t.detach() for t, b in zip(leaves, is_batched) if b]
     positions = call.output_positions
     cots = cotangents_or_zeros(call, params, n, c)
@@ -502,12 +505,13 @@ def _per_example_vjp(module: nn.Module, params: dict, call: Call, n: int, c: int
     return vmap(one_example, in_dims=(None, 0, 0))(params, batched, cots)
 
 
-def _per_example_loop(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None):
+def _per_example_loop(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None = None,
+                      shared=None):
     """The gradients of ``_per_example_vjp`` from plain autograd, one example and output at a
     time: the fallback for modules whose vmap rules fail or are wrong (recurrent layers,
     PReLU under nested vmap in torch 2.x)."""
     leaves, spec = tree_flatten((call.raw_args, call.raw_kwargs))
-    is_batched = _batched_leaves(leaves, probe_call, n)
+    is_batched = _batched_leaves(leaves, probe_call, n, shared)
     grads = {name: p.new_zeros((n, c, *p.shape)) for name, p in params.items()}
     leaf_params = {name: p.detach().requires_grad_(True) for name, p in params.items()}
     for i in range(n):
@@ -531,14 +535,16 @@ def _has_shapes(grads: dict, params: dict, n: int, c: int) -> bool:
     return all(tuple(grads[name].shape) == (n, c, *p.shape) for name, p in params.items())
 
 
-def per_example_grads(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None):
-    """``_per_example_vjp``, or ``_per_example_loop`` where vmap fails or returns wrong shapes."""
+def per_example_grads(module: nn.Module, params: dict, call: Call, n: int, c: int, probe_call: Call | None,
+                      shared=None):
+    """``_per_example_vjp``, or ``_per_example_loop`` where vmap fails or returns wrong shapes;
+    ``shared``: see ``_batched_leaves``."""
     try:
-        grads = _per_example_vjp(module, params, call, n, c, probe_call)
+        grads = _per_example_vjp(module, params, call, n, c, probe_call, shared)
     except (RuntimeError, ValueError):  # also ops without a batching rule
         grads = None  # no working vmap rule for some op of the module
     if grads is None or not _has_shapes(grads, params, n, c):
-        grads = _per_example_loop(module, params, call, n, c, probe_call)
+        grads = _per_example_loop(module, params, call, n, c, probe_call, shared)
     return grads
 
 
