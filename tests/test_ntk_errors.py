@@ -204,3 +204,33 @@ class CentersTheBatch(nn.Module):
 def test_a_model_that_is_not_per_example_raises(factory):
     with pytest.raises(ValueError, match="depends on the other examples of the batch or is random"):
         ft.ntk_gram(factory().eval(), torch.randn(4, 3))
+
+
+class CachedTranspose(nn.Module):
+    """w.t() computed once in __init__: the forward reaches w through a node made before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 4))
+        self.wt = self.w.t()
+
+    def forward(self, x):  # (n, 4)
+        return x @ self.wt + (x * self.w[0]).sum(1, keepdim=True)
+
+
+def test_tensor_cached_from_a_parameter_before_the_forward_is_refused():
+    model = CachedTranspose()
+    with pytest.raises(ValueError, match=r"computed before the forward pass.*\['w'\]|\['w'\].*computed before"):
+        ft.ntk_gram(model, torch.randn(3, 4))
+
+
+def test_weights_cached_by_parametrize_are_refused():
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import orthogonal
+    model = nn.Sequential(orthogonal(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    ft.ntk_gram(model, x)  # recomputed in every forward: fine
+    with parametrize.cached():
+        model(x)  # the cache is filled outside ntk_gram's forward pass
+        with pytest.raises(ValueError, match="computed before the forward pass"):
+            ft.ntk_gram(model, x)
