@@ -166,28 +166,30 @@ def _bias_term(patches):
     return [PerExampleGrads(_sum_or_none(g.sum(dim=3) for _, g in patches))]
 
 
-def _linear_patches(ctx: LayerContext):
-    """(A (n, T, d_in), G (n, c, d_out, T)) per live call; T = product of middle dims."""
+def _linear_patches(ctx: LayerContext, with_ones: bool = False):
+    """(A (n, T, d_in), G (n, c, d_out, T)) per live call; T = product of middle dims.
+    ``with_ones``: a column of ones appended to A, the factored term of [W | b] (per-example
+    gradient Σ_t g_t ⊗ [a_t, 1]), so that G Gᵀ is formed once for both; kept in the call's
+    cache across the outputs of a block (one copy of the input, not one per output)."""
     patches = []
     for call in _live_calls(ctx):
         x, g = call.inputs[0], call.cotangents[0]
         n, c = g.shape[0], g.shape[1]
-        patches.append((x.reshape(n, -1, x.shape[-1]), g.reshape(n, c, -1, g.shape[-1]).transpose(2, 3)))
+        A = x.reshape(n, -1, x.shape[-1])
+        if with_ones:
+            if "with_ones" not in call.cache:
+                call.cache["with_ones"] = torch.cat([A, A.new_ones(*A.shape[:2], 1)], dim=2)
+            A = call.cache["with_ones"]
+        patches.append((A, g.reshape(n, c, -1, g.shape[-1]).transpose(2, 3)))
     return patches
-
-
-def _with_ones(patches):
-    """Patches (A, G) with a column of ones appended to A: the factored term of [W | b]
-    (per-example gradient Σ_t g_t ⊗ [a_t, 1]), so that G Gᵀ is formed once for both."""
-    return [(torch.cat([A, A.new_ones(*A.shape[:2], 1)], dim=2), G) for A, G in patches]
 
 
 def linear_rule(ctx: LayerContext):
     """nn.Linear: weight by the cost model (T = 1 is always factored: (aᵢ·aⱼ)(gᵢ·gⱼ)), bias Σ_t g.
     In the factored form the bias rides along as a column of ones in A: (aᵢ·aⱼ + 1)(gᵢ·gⱼ)."""
-    patches = _linear_patches(ctx)
     if ctx.form == FACTORED and "weight" in ctx.params and "bias" in ctx.params:
-        return _weight_terms(ctx, _with_ones(patches), groups=1)
+        return _weight_terms(ctx, _linear_patches(ctx, with_ones=True), groups=1)
+    patches = _linear_patches(ctx)
     bias = _bias_term(patches) if "bias" in ctx.params else []
     weight = _weight_terms(ctx, patches, groups=1) if "weight" in ctx.params else []
     return itertools.chain(bias, weight)  # lazily: the weight's pieces one at a time
