@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fasttangent as ft
+from references import loop_jacobian
 
 
 def _mlp():
@@ -218,10 +219,36 @@ class CachedTranspose(nn.Module):
         return x @ self.wt + (x * self.w[0]).sum(1, keepdim=True)
 
 
-def test_tensor_cached_from_a_parameter_before_the_forward_is_refused():
-    model = CachedTranspose()
-    with pytest.raises(ValueError, match=r"computed before the forward pass.*\['w'\]|\['w'\].*computed before"):
-        ft.ntk_gram(model, torch.randn(3, 4))
+class LazyCache(nn.Module):
+    """w.t() cached on the first call: ntk_gram's own first forward pass fills the cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 4))
+        self.wt = None
+
+    def forward(self, x):
+        if self.wt is None:
+            self.wt = self.w.t()
+        return x @ self.wt
+
+
+class ViewsFromInit(nn.Module):
+    """Rows of w taken apart in __init__ (views: right values, but a path no rule re-runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 4))
+        self.wa, self.wb = self.w.unbind(0)
+
+    def forward(self, x):
+        return torch.stack([x @ self.wa, torch.tanh(x @ self.wb)], dim=1)
+
+
+@pytest.mark.parametrize("factory", [CachedTranspose, LazyCache, ViewsFromInit])
+def test_tensors_computed_outside_the_forward_pass_are_refused(factory):
+    with pytest.raises(ValueError, match=r"\['w'\] through tensors computed outside the forward pass"):
+        ft.ntk_gram(factory(), torch.randn(3, 4))
 
 
 def test_weights_cached_by_parametrize_are_refused():
@@ -230,7 +257,31 @@ def test_weights_cached_by_parametrize_are_refused():
     model = nn.Sequential(orthogonal(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 2))
     x = torch.randn(3, 4)
     ft.ntk_gram(model, x)  # recomputed in every forward: fine
-    with parametrize.cached():
-        model(x)  # the cache is filled outside ntk_gram's forward pass
-        with pytest.raises(ValueError, match="computed before the forward pass"):
+    with parametrize.cached():  # filled by ntk_gram's first pass, or before it
+        with pytest.raises(ValueError, match="computed outside the forward pass"):
             ft.ntk_gram(model, x)
+        model(x)
+        with pytest.raises(ValueError, match="computed outside the forward pass"):
+            ft.ntk_gram(model, x)
+
+
+class WorkerThreadBranch(nn.Module):
+    """A branch computed in a worker thread during the forward: its nodes are the forward's
+    own (autograd numbers nodes per thread, so their order says nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(8, 3)
+
+    def forward(self, x):
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            branch = pool.submit(self.b, x)
+            return self.head(torch.cat([self.a(x), branch.result()], -1))
+
+
+def test_a_forward_using_worker_threads_is_not_refused():
+    model = WorkerThreadBranch().double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    J = loop_jacobian(model, x)
+    assert torch.allclose(ft.ntk_gram(model, x), torch.einsum("iap,jap->ij", J, J), rtol=1e-10, atol=1e-12)

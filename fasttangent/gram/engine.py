@@ -485,25 +485,20 @@ def _tensor_bytes(tree) -> int:
 # ------------------------------------------------------------------------------------
 # The engine.
 
-def _next_sequence_nr() -> int:
-    """The sequence number autograd gives the next node made in this thread (they increase)."""
-    with torch.enable_grad():
-        return torch.zeros((), requires_grad=True).clone().grad_fn._sequence_nr() + 1
-
-
-def _check_no_stale_uses(model: nn.Module, graph_users: dict, first_node: int) -> None:
-    """Refuse a model whose output reaches a parameter through autograd nodes made before its
-    forward pass (``self.wt = self.w.t()`` in ``__init__``, a weight cached on an earlier
-    call, ``parametrize.cached()``): every rule re-runs ops from the parameters, and such a
-    cached tensor would keep the old values and a gradient path no rule sees."""
-    stale = {pid for pid, nodes in graph_users.items() if any(node._sequence_nr() < first_node for node in nodes)}
+def _check_no_stale_uses(model: nn.Module, earlier: dict, later: dict) -> None:
+    """Refuse a model whose output reaches a parameter through autograd nodes that two
+    forward passes share (``earlier``, ``later``: {parameter id: nodes using it}, from
+    ``parameter_users``): such a node was made outside the forward pass (``self.wt =
+    self.w.t()`` in ``__init__``, a weight cached on an earlier call or by
+    ``parametrize.cached()``), and every rule re-runs ops from the parameters, so that path
+    would be missed."""
+    stale = {pid for pid, nodes in later.items() if nodes & earlier.get(pid, set())}
     if stale:
         names = [name for name, p in model.named_parameters() if id(p) in stale]
         raise ValueError(
-            f"the model's output depends on {names} through tensors computed before the forward pass (e.g. "
-            "self.wt = self.w.t() in __init__, or a weight cached on an earlier call); a per-example NTK "
-            "differentiates the forward pass itself: compute such tensors inside forward (outside any "
-            "parametrize.cached() block)")
+            f"the model's output depends on {names} through tensors computed outside the forward pass (e.g. "
+            "self.wt = self.w.t() in __init__, a weight cached on an earlier call, parametrize.cached()); a "
+            "per-example NTK differentiates the forward pass itself: compute such tensors inside forward")
 
 
 # rounds of joining op groups whose shared tensors meet (each round joins every such pair)
@@ -526,6 +521,7 @@ class GramEngine:
         self.owners = {}
         self.generic = set()
         self.forms = {}
+        self._probe_graph_users = None  # the probe's {parameter id: nodes}, until the first recorded pass
         self.batched_backward = None  # None: batched on GPU, a loop over outputs on CPU
         self.clone_outputs = False  # set on the first forward that modifies a recorded output in place
         self.cache_inputs = True  # keep unfolded patches across output chunks (set by plan_blocks)
@@ -567,7 +563,6 @@ class GramEngine:
             with Recorder(candidates) as rec, torch.enable_grad(), hooks, uses:
                 return rec, self.model(x[:1].detach())
 
-        first_node = _next_sequence_nr()  # autograd nodes made before this are not the forward's
         try:
             try:
                 rec, out = forward(measure=True)
@@ -583,7 +578,8 @@ class GramEngine:
                 h.remove()
         trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
         graph_users = parameter_users(tree_flatten(out)[0], trainable)  # id(parameter) -> nodes using it
-        _check_no_stale_uses(self.model, graph_users, first_node)
+        # compared with the first recorded pass's: nodes in both were made outside the forward
+        self._probe_graph_users = graph_users
         self.owners, self.generic = plan_ownership(self.model, called, uses.uses, set(graph_users))
         for module, params in self.owners.items():
             known = getattr(rule_for(module), "parameter_names", None)
@@ -895,6 +891,10 @@ class GramEngine:
                 raise _OwnersChanged
             return self._record(x)
         check_finite(f.detach())
+        if self._probe_graph_users is not None:
+            trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+            earlier, self._probe_graph_users = self._probe_graph_users, None  # once: the walk costs a pass
+            _check_no_stale_uses(self.model, earlier, parameter_users(tree_flatten(f)[0], trainable))
         self.recorded_once = True
         return rec, f
 
