@@ -662,7 +662,7 @@ class GramEngine:
             # every use of a group's parameters (and of its shared tensors) in the graph must be
             # one of its ops: a use the mode cannot see (inside an autograd.Function,
             # TorchScript) would be missed
-            shared = {op: op.derived_nodes() for op in ops}
+            shared = {op: op.shared_nodes() for op in ops}
             users = parameter_users(tree_flatten(out)[0], {id(p) for op in ops for p in op.parameters()},
                                     targets=set().union(*shared.values()))
             for op in ops:

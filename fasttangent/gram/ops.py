@@ -88,8 +88,9 @@ class ParameterOp(nn.Module):
         self.covered = set()
         # shared tensors: results of ops on the group's parameters without the examples
         # (pos[:, :T], an embedding of arange(T), w * g), {id: (weakref, tape)}; a tape is the
-        # list of such ops of one forward pass, (func, args, kwargs, output leaves)
-        self.derived = {}
+        # list of such ops of one forward pass, (func, args, kwargs, weakrefs and shapes of
+        # the results): weak, so that a pass's shared tensors go with its recorded calls
+        self.shared_tensors = {}
         self.tape = []
         self.probe_tape_shapes = None
 
@@ -112,16 +113,17 @@ class ParameterOp(nn.Module):
         if not outputs:  # p.shape, p.dim(): nothing to differentiate
             return out
         self._after_op(tree_flatten((args, kwargs))[0], out)
-        self.tape.append((func, args, kwargs, outputs))
-        for t in outputs:
-            self.derived[id(t)] = (weakref.ref(t), self.tape)
+        refs = [weakref.ref(t) for t in outputs]
+        self.tape.append((func, args, kwargs, refs, [tuple(t.shape) for t in outputs]))
+        for t, ref in zip(outputs, refs):
+            self.shared_tensors[id(t)] = (ref, self.tape)
         return out
 
     def _after_op(self, leaves, out) -> None:
         if self.trace_nodes:
             users = parameter_users(tree_flatten(out)[0], self._slot_of,
                                     stop=[t for t in leaves if isinstance(t, torch.Tensor)],
-                                    targets=self.derived_nodes())
+                                    targets=self.shared_nodes())
             self.covered.update(*users.values())
         inputs = {id(t) for t in leaves if isinstance(t, torch.Tensor)}
         if any(id(t) in inputs for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
@@ -132,13 +134,13 @@ class ParameterOp(nn.Module):
 
     def shared_tensor(self, t) -> bool:
         """Whether ``t`` is a shared tensor of this group (a result of ``run_shared``)."""
-        entry = self.derived.get(id(t)) if isinstance(t, torch.Tensor) else None
+        entry = self.shared_tensors.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry is not None and entry[0]() is t
 
-    def derived_nodes(self) -> set:
+    def shared_nodes(self) -> set:
         """The autograd nodes of the live shared tensors (their uses count as the group's)."""
         nodes = set()
-        for ref, _ in self.derived.values():
+        for ref, _ in self.shared_tensors.values():
             t = ref()
             if t is not None and t.grad_fn is not None:
                 nodes.add(t.grad_fn)
@@ -147,14 +149,21 @@ class ParameterOp(nn.Module):
     def replay(self, tape: list, values: dict) -> dict:
         """{id of a shared tensor: its value recomputed from ``values`` ({slot: tensor}, e.g.
         the functional parameters of a vjp)}: the ops of ``tape`` run again in order."""
-        current = {id(p): values[slot] for slot, p in self._originals.items()}
-        for func, args, kwargs, outputs in tape:
+        current = {id(p): (p, values[slot]) for slot, p in self._originals.items()}  # id: (old, new)
+
+        def swap(t):
+            entry = current.get(id(t)) if isinstance(t, torch.Tensor) else None
+            return entry[1] if entry is not None and entry[0] is t else t
+
+        for func, args, kwargs, refs, _ in tape:
             leaves, spec = tree_flatten((args, kwargs))
-            leaves = [current.get(id(t), t) if isinstance(t, torch.Tensor) else t for t in leaves]
-            out_args, out_kwargs = tree_unflatten(leaves, spec)
+            out_args, out_kwargs = tree_unflatten([swap(t) for t in leaves], spec)
             results = [t for t in tree_flatten(func(*out_args, **out_kwargs))[0] if isinstance(t, torch.Tensor)]
-            current.update({id(old): new for old, new in zip(outputs, results)})
-        return current
+            for ref, new in zip(refs, results):
+                old = ref()
+                if old is not None:  # a result nothing holds any more is needed by no call
+                    current[id(old)] = (old, new)
+        return {key: new for key, (_, new) in current.items()}
 
     def _replayed(self, leaves) -> dict:
         """Shared tensors among ``leaves`` recomputed from this module's current slots when
@@ -165,14 +174,14 @@ class ParameterOp(nn.Module):
             return {}
         values = {slot: getattr(self, slot) for slot in self._originals}
         replayed = {}
-        for tape in {id(self.derived[id(t)][1]): self.derived[id(t)][1] for t in shared}.values():
+        for tape in {id(self.shared_tensors[id(t)][1]): self.shared_tensors[id(t)][1] for t in shared}.values():
             replayed.update(self.replay(tape, values))
         return replayed
 
     def pull_back(self, shared: torch.Tensor, grads: torch.Tensor, params: dict) -> dict:
         """{name: (n, c, *shape)} from per-example gradients (n, c, *shared.shape) of a shared
         tensor: the vjp of the tape that made it, for every example and output at once."""
-        tape = self.derived[id(shared)][1]
+        tape = self.shared_tensors[id(shared)][1]
         _, pullback = vjp(lambda p: self.replay(tape, p)[id(shared)], params)
         n, c = grads.shape[:2]
         flat = grads.reshape(n * c, *shared.shape)
@@ -186,10 +195,10 @@ class ParameterOp(nn.Module):
     def start_pass(self) -> None:
         """A new forward pass: a new tape; shared tensors no longer alive are forgotten."""
         self.tape = []
-        self.derived = {k: v for k, v in self.derived.items() if v[0]() is not None}
+        self.shared_tensors = {k: v for k, v in self.shared_tensors.items() if v[0]() is not None}
 
     def tape_shapes(self) -> list:
-        return [tuple(tuple(t.shape) for t in outputs) for _, _, _, outputs in self.tape]
+        return [shapes for _, _, _, _, shapes in self.tape]
 
     def restore(self, owners: dict, generic: set) -> None:
         """Hand the parameters back to their fallback owners (on the generic rule)."""
