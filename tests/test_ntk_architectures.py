@@ -47,3 +47,30 @@ def test_architecture_matches_reference(name):
     reference = lean_loop_reference(model, x)
     K = ft.ntk_gram(model, x)
     assert ((K - reference).norm() / reference.norm()).item() < 1e-10
+
+
+def _benchmark_module():
+    """bench/ntk_gram.py, whose nanoGPT-style model this checks at a tiny size."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "ntk_gram.py"
+    spec = importlib.util.spec_from_file_location("ntk_gram_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_gpt_is_structured_and_exact():
+    """The benchmark's nanoGPT-style model (positions as wpe(arange(T)), a tied head): no owner
+    on the generic rule, and the Gram of a plain-autograd loop, for blocks of 1 and a cross Gram."""
+    torch.manual_seed(0)
+    model = _benchmark_module().CharGPT(vocab=11, block=8, layers=1, heads=2, width=8).double().eval()
+    x1, x2 = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (3, 5))
+    assert _generic_owners(model, x1) == 0
+    reference = lean_loop_reference(model, x1)
+    for kwargs in ({}, {"block_size": 1}):
+        K = ft.ntk_gram(model, x1, **kwargs)
+        assert ((K - reference).norm() / reference.norm()).item() < 1e-10, kwargs
+    both = lean_loop_reference(model, torch.cat([x1, x2]))
+    cross = ft.ntk_gram(model, x1, x2)
+    assert ((cross - both[:4, 4:]).norm() / both[:4, 4:].norm()).item() < 1e-10
