@@ -729,3 +729,19 @@ def test_position_tables_take_closed_forms(no_vjp):
     J = loop_jacobian(model, x)
     assert torch.allclose(ft.ntk_gram(model, x, outputs="full"), torch.einsum("iap,jbp->ijab", J, J),
                           rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["bare_ops", "shared_weight_linear", "positions_by_embedding", "manual_weight_norm",
+                                  "learned_memory"])
+def test_gpu_path_on_the_cpu(monkeypatch, name):
+    """The GPU path (block passes, backward batched over output seeds), forced on CPU tensors."""
+    monkeypatch.setattr(GramEngine, "backward_is_batched", lambda self, device: True)
+    factory, inputs = {**CLOSED_FORMS, **{k: v[:2] for k, v in SHARED.items()}}[name]
+    torch.manual_seed(9)
+    model = factory().double().eval()
+    x1, x2 = inputs(4), inputs(3)
+    J1, J2 = loop_jacobian(model, x1), loop_jacobian(model, x2)
+    full = torch.einsum("iap,jbp->ijab", J1, J2)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), full, rtol=1e-10, atol=1e-12)
+    trace = torch.einsum("iap,jap->ij", J1, J1)
+    assert torch.allclose(ft.ntk_gram(model, x1, block_size=3), trace, rtol=1e-10, atol=1e-12)
