@@ -245,7 +245,23 @@ class ViewsFromInit(nn.Module):
         return torch.stack([x @ self.wa, torch.tanh(x @ self.wb)], dim=1)
 
 
-@pytest.mark.parametrize("factory", [CachedTranspose, LazyCache, ViewsFromInit])
+class CacheByBatchSize(nn.Module):
+    """A tensor cached per batch size: the one-example probe never meets the batches' entry,
+    two passes over the same number of examples do."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.head = nn.Linear(4, 2)
+        self.cache = {}
+
+    def forward(self, x):
+        if x.shape[0] not in self.cache:
+            self.cache[x.shape[0]] = self.w * 2
+        return self.head(torch.tanh(x @ self.cache[x.shape[0]]))
+
+
+@pytest.mark.parametrize("factory", [CachedTranspose, LazyCache, ViewsFromInit, CacheByBatchSize])
 def test_tensors_computed_outside_the_forward_pass_are_refused(factory):
     with pytest.raises(ValueError, match=r"\['w'\] through tensors computed outside the forward pass"):
         ft.ntk_gram(factory(), torch.randn(3, 4))

@@ -699,6 +699,11 @@ class GramEngine:
                 rec, f = self._record(sample)
                 self.recorded_once = False
                 permuted, f_permuted = self._record(sample[order])
+                # two passes over the same number of examples: a cache keyed by the batch size
+                # (missed by the probe's one example) shows as nodes both graphs share
+                trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+                _check_no_stale_uses(self.model, parameter_users(tree_flatten(f)[0], trainable),
+                                     parameter_users(tree_flatten(f_permuted)[0], trainable))
                 # the probe ran the sample's first example (x1[0]) alone: a coupling symmetric in
                 # the examples (a batch mean) shows there
                 alone = self._probe_output
