@@ -4,6 +4,8 @@ module on the generic rule. Checked against plain-autograd references, with the 
 each model should get."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -745,3 +747,45 @@ def test_gpu_path_on_the_cpu(monkeypatch, name):
     assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), full, rtol=1e-10, atol=1e-12)
     trace = torch.einsum("iap,jap->ij", J1, J1)
     assert torch.allclose(ft.ntk_gram(model, x1, block_size=3), trace, rtol=1e-10, atol=1e-12)
+
+
+class Lookups(nn.Module):
+    """Token embeddings by F.embedding: plain, with a padding row (given as -1), sparse
+    gradients, and the same table looked up twice (the gradients add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.Embedding(7, 3)
+        self.padded = nn.Embedding(7, 3, padding_idx=-1)
+        self.sparse = nn.Embedding(7, 3, sparse=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, idx):  # (n, T) integers in [0, 7)
+        h = self.plain(idx) + self.padded(idx) * self.sparse(idx) + self.plain(idx.flip(1)) * 0.5
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_embeddings_take_closed_forms(no_vjp):
+    torch.manual_seed(10)
+    model = Lookups().double().eval()
+    x1, x2 = torch.randint(0, 7, (4, 5)), torch.randint(0, 7, (3, 5))
+    x1[0, :2] = 6  # the padding row (index -1 = 6), twice in one example
+    ops, generic, _ = _owners(model, x1)
+    assert len(ops) == 3 and not generic
+    dense = copy.deepcopy(model)
+    dense.sparse.sparse = False  # the reference reads dense gradients; the same function
+    J1, J2 = loop_jacobian(dense, x1), loop_jacobian(dense, x2)
+    assert torch.allclose(ft.ntk_gram(model, x1, x2, outputs="full"), torch.einsum("iap,jbp->ijab", J1, J2),
+                          rtol=1e-10, atol=1e-12)
+    assert torch.allclose(ft.ntk_gram(model, x1, block_size=3), torch.einsum("iap,jap->ij", J1, J1),
+                          rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_with_max_norm_is_left_to_the_vjp():
+    """max_norm renormalizes the table in place during the lookup: not a closed form."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Embedding(7, 3, max_norm=1.0), nn.Flatten(), nn.Linear(12, 2)).double().eval()
+    x = torch.randint(0, 7, (4, 4))
+    K = ft.ntk_gram(model, x)
+    J = loop_jacobian(model, x)
+    assert torch.allclose(K, torch.einsum("iap,jap->ij", J, J), rtol=1e-10, atol=1e-12)

@@ -625,9 +625,14 @@ def _only_top_level(op: ParameterOp, args) -> bool:
 def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int) -> dict | None:
     """{name: (n, c, *shape)} per-example gradients of one recorded call of a common op
     (+, -, * with a broadcast parameter or shared tensor, ``expand``, ``x @ w``, ``w @ x``,
-    ``F.linear``), or None when the call is not one of those (then a vjp computes them).
+    ``F.linear``, ``F.embedding``), or None when the call is not one of those (then a vjp
+    computes them).
     A shared tensor's gradient is pulled back to the parameters through its tape."""
-    if len(call.outputs) != 1 or call.output_positions != [0] or call.raw_kwargs:
+    if len(call.outputs) != 1 or call.output_positions != [0]:
+        return None
+    if call.raw_args[0] is F.embedding:
+        return _embedding_grads(op, params, call, n, c)
+    if call.raw_kwargs:
         return None
     func, args = call.raw_args[0], call.raw_args[1:]
     slots = [i for i, a in enumerate(args) if _is_group_tensor(op, a)]
@@ -654,6 +659,37 @@ def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int)
         if grad is None or tuple(grad.shape) != (n, c, *p.shape):
             return None
         grads[name] = grad.to(p.dtype)
+    return grads
+
+
+_EMBEDDING_OPTIONS = {"padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"}
+
+
+def _embedding_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int) -> dict | None:
+    """``F.embedding(idx, w)`` with idx (n, ...) per example: row v of example i's gradient
+    sums the cotangents of the positions that look up v (none at ``padding_idx``). None
+    with ``max_norm`` (the lookup renormalizes w in place) or ``scale_grad_by_freq``."""
+    args, options = call.raw_args[1:], call.raw_kwargs
+    if len(args) != 2 or set(options) - _EMBEDDING_OPTIONS:
+        return None
+    idx, weight = args
+    if options.get("max_norm") is not None or options.get("scale_grad_by_freq"):
+        return None
+    if (not _is_group_parameter(op, weight) or weight.dim() != 2 or not isinstance(idx, torch.Tensor)
+            or isinstance(idx, nn.Parameter) or idx.dim() == 0 or idx.shape[0] != n):
+        return None
+    g = call.cotangents[0]
+    rows, width = weight.shape
+    positions = idx.reshape(n, -1)
+    G = g.reshape(n, c, positions.shape[1], width)
+    padding = options.get("padding_idx")
+    if padding is not None:
+        G = G * (positions != padding % rows)[:, None, :, None]
+    J = G.new_zeros(n, c, rows, width)
+    J.scatter_add_(2, positions[:, None, :, None].expand_as(G), G)
+    name = op._slot_of[id(weight)]
+    grads = {other: p.new_zeros(()).expand(n, c, *p.shape) for other, p in params.items() if other != name}
+    grads[name] = J.to(weight.dtype)
     return grads
 
 
