@@ -10,7 +10,8 @@
 #      --no-build-isolation --no-deps: torch is never reinstalled)
 #   3. GPU tests and timings, most important first: `pytest -m gpu tests/test_cuda_ext.py`,
 #      bench/cuda_ext_bench.py (sign compare vs copy bandwidth, symmetric Gram vs torch.mm),
-#      `pytest -m gpu` on the other tests, tests/kernels with TRITON_INTERPRET unset
+#      `pytest -m gpu` on the other tests (tests/test_triton_gpu.py: the compiled Triton kernels
+#      against float64 references), tests/kernels (its conftest runs them in the interpreter)
 #   4. per-op benchmarks bench/kernels/*.py, bench/ntk_gram.py --gpu (when it has that flag)
 #   5. bench/gpu_report.py gathers everything into $OUT/bench/RESULTS-gpu.md
 #
@@ -103,7 +104,7 @@ step "bench/cuda_ext_bench.py" "$OUT_DIR/bench.log" 120 "$PY" bench/cuda_ext_ben
 step "pytest -m gpu tests (the rest)" "$OUT_DIR/tests.log" 180 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider \
   --ignore=tests/test_cuda_ext.py --ignore=tests/kernels tests
 if [ -d tests/kernels ]; then
-  step "pytest tests/kernels (compiled Triton)" "$OUT_DIR/tests.log" 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/kernels
+  step "pytest tests/kernels (Triton interpreter)" "$OUT_DIR/tests.log" 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/kernels
 else
   echo "SKIP  pytest tests/kernels (no tests/kernels directory)" | tee -a "$SUMMARY"
 fi
