@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import operator
 import os
 
@@ -1198,9 +1197,6 @@ def compute_gram(model, x1, x2, *, outputs, backend, block_size, reduce, memory_
         memory_budget = default_memory_budget(x1.device)
     if memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    symmetric = x2 is None
-    n1 = x1.shape[0]
-    n2 = n1 if symmetric else x2.shape[0]
     engine = GramEngine(model, full=False, selected=[0], backend=backend, memory_budget=memory_budget,
                         conv_form=conv_form)
     engine.term_bytes = term_bytes(memory_budget, x1.device)
