@@ -575,8 +575,7 @@ class GramEngine:
         finally:
             for h in handles:
                 h.remove()
-        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        graph_users = parameter_users(tree_flatten(out)[0], trainable)  # id(parameter) -> nodes using it
+        graph_users = self._graph_users(out)
         # compared with the first recorded pass's: nodes in both were made outside the forward
         self._probe_graph_users = graph_users
         self.owners, self.generic = plan_ownership(self.model, called, uses.uses, set(graph_users))
@@ -593,6 +592,11 @@ class GramEngine:
         self._own_by_ops(x, uses.together)
         self._probe_output = as_matrix(out, 1).detach()  # x[:1] alone (``settle`` compares)
         return self._probe_output.shape[1]
+
+    def _graph_users(self, out) -> dict:
+        """{id(trainable parameter): the autograd nodes using it} in the graph behind ``out``."""
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        return parameter_users(tree_flatten(out)[0], trainable)
 
     def _check_structured_uses(self, calls: dict, graph_users: dict) -> None:
         """An owner on a structured rule covers its parameters' uses inside its calls only:
@@ -700,9 +704,7 @@ class GramEngine:
                 permuted, f_permuted = self._record(sample[order])
                 # two passes over the same number of examples: a cache keyed by the batch size
                 # (missed by the probe's one example) shows as nodes both graphs share
-                trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-                _check_no_stale_uses(self.model, parameter_users(tree_flatten(f)[0], trainable),
-                                     parameter_users(tree_flatten(f_permuted)[0], trainable))
+                _check_no_stale_uses(self.model, self._graph_users(f), self._graph_users(f_permuted))
                 # the probe ran the sample's first example (x1[0]) alone: a coupling symmetric in
                 # the examples (a batch mean) shows there
                 alone = self._probe_output
@@ -896,9 +898,8 @@ class GramEngine:
             return self._record(x)
         check_finite(f.detach())
         if self._probe_graph_users is not None:
-            trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
             earlier, self._probe_graph_users = self._probe_graph_users, None  # once: the walk costs a pass
-            _check_no_stale_uses(self.model, earlier, parameter_users(tree_flatten(f)[0], trainable))
+            _check_no_stale_uses(self.model, earlier, self._graph_users(f))
         self.recorded_once = True
         return rec, f
 

@@ -97,7 +97,7 @@ class ParameterOp(nn.Module):
     def forward(self, func, *args, **kwargs):
         leaves, spec = tree_flatten((args, kwargs))
         replayed = self._replayed(leaves)
-        swapped = [getattr(self, self._slot_of[id(t)]) if self._is_parameter(t) else replayed.get(id(t), t)
+        swapped = [getattr(self, self._slot_of[id(t)]) if self.owns_parameter(t) else replayed.get(id(t), t)
                    for t in leaves]
         args, kwargs = tree_unflatten(swapped, spec)
         out = func(*args, **kwargs)
@@ -129,7 +129,8 @@ class ParameterOp(nn.Module):
         if any(id(t) in inputs for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
             self.in_place = True  # the recorded input now holds the result: its value is lost
 
-    def _is_parameter(self, t) -> bool:
+    def owns_parameter(self, t) -> bool:
+        """Whether ``t`` is one of this group's parameters."""
         return isinstance(t, nn.Parameter) and id(t) in self._slot_of
 
     def shared_tensor(self, t) -> bool:
@@ -240,8 +241,10 @@ def parameter_users(outputs, param_ids, stop=(), targets=()) -> dict:
     return users
 
 
-_EXPANSIONS = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to, torch.Tensor.broadcast_to,
-               torch.Tensor.repeat}
+# broadcasts (the closed forms sum their gradient), and every op that makes the examples'
+# rows from no example (cls.expand(n, -1, -1)), which the router records as per example
+_EXPAND = {torch.Tensor.expand, torch.broadcast_to, torch.Tensor.broadcast_to}
+_EXPANSIONS = _EXPAND | {torch.Tensor.expand_as, torch.Tensor.repeat}
 
 
 class OpRouter(TorchFunctionMode):
@@ -457,7 +460,6 @@ def _example_chunk(call: Call, n: int, c: int, term_bytes: int | None) -> int:
 _ADD = {torch.add, torch.Tensor.add}
 _SUB = {torch.sub, torch.Tensor.sub}
 _MUL = {torch.mul, torch.Tensor.mul}
-_EXPAND = {torch.Tensor.expand, torch.broadcast_to}
 _MATMUL = {torch.matmul, torch.Tensor.matmul}
 _LINEAR = {F.linear}
 
@@ -526,11 +528,11 @@ def dense_use(op: ParameterOp, call: Call) -> DenseUse | None:
         return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.dim() >= least_dim
 
     def weight(t):
-        return _is_group_parameter(op, t) and t.dim() == 2 and not t.is_complex()
+        return op.owns_parameter(t) and t.dim() == 2 and not t.is_complex()
 
     if func in _LINEAR and len(args) in (2, 3) and data(args[0], 2) and weight(args[1]):
         bias = args[2] if len(args) == 3 else None
-        owned = _is_group_parameter(op, bias)
+        owned = op.owns_parameter(bias)
         if bias is not None and not owned and not isinstance(bias, torch.Tensor):
             return None
         if owned and tuple(bias.shape) != (args[1].shape[0],):
@@ -545,36 +547,41 @@ def dense_use(op: ParameterOp, call: Call) -> DenseUse | None:
     return None
 
 
-def dense_patches(use: DenseUse, call: Call, n: int, c: int) -> tuple:
+def _dense_operand(use: DenseUse, call: Call) -> tuple:
+    """(x, feature dim) of a dense call: the per-example operand, and the dimension of x the
+    weight contracts (-1 for ``F.linear`` and ``x @ w``, -2 for ``w @ x``, whose positions
+    are x's last dimension)."""
+    func, args = call.raw_args[0], call.raw_args[1:]
+    if func in _MATMUL and use.cotangent_dim == 0:
+        return args[1], -2
+    return args[0], -1
+
+
+def dense_patches(use: DenseUse, call: Call, n: int, c: int, with_ones: bool | None = None) -> tuple:
     """(A (n, T, d_a), G (n, c, T, d_g)) of one dense call: the operand's positions and the
     output cotangent's, such that the weight's per-example gradient is Σ_t G_t ⊗ A_t (laid
     out along the weight's dims by ``use.cotangent_dim``); a column of ones is appended
-    to A when the bias rides along."""
-    func, args = call.raw_args[0], call.raw_args[1:]
+    to A when the bias rides along (``with_ones``, by default when the group owns it)."""
+    x, feature = _dense_operand(use, call)
     g = call.cotangents[0]
-    if func in _MATMUL and use.cotangent_dim == 0:  # w @ x: positions are x's last dim
-        x = args[1]
-        A = x.transpose(-1, -2).reshape(n, -1, x.shape[-2])
-        G = g.transpose(-1, -2).reshape(n, c, -1, g.shape[-2])
-    else:
-        x = args[0]
-        A, G = x.reshape(n, -1, x.shape[-1]), g.reshape(n, c, -1, g.shape[-1])
-    A = A.detach().to(G.dtype)
-    if use.bias is not None:
+    if feature == -2:
+        x, g = x.transpose(-1, -2), g.transpose(-1, -2)
+    G = g.reshape(n, c, -1, g.shape[-1])
+    A = x.reshape(n, -1, x.shape[-1]).detach().to(G.dtype)
+    if with_ones is None:
+        with_ones = use.bias is not None
+    if with_ones:
         A = torch.cat([A, A.new_ones(n, A.shape[1], 1)], dim=2)
     return A, G
 
 
 def _dense_grads(use: DenseUse, call: Call, params: dict, n: int, c: int) -> dict:
     """{name: (n, c, *shape)} of the weight (and bias) of one dense call, from its patches."""
-    A, G = dense_patches(use, call, n, c)
-    bias_grad = None
-    if use.bias is not None:
-        A, bias_grad = A[:, :, :-1], G.sum(dim=2)
+    A, G = dense_patches(use, call, n, c, with_ones=False)
     equation = "nktg,nta->nkga" if use.cotangent_dim == 0 else "nktg,nta->nkag"
     grads = {use.weight: torch.einsum(equation, G, A)}
-    if bias_grad is not None:
-        grads[use.bias] = bias_grad
+    if use.bias is not None:
+        grads[use.bias] = G.sum(dim=2)
     return grads
 
 
@@ -597,22 +604,16 @@ def _op_patch_shapes(op: ParameterOp, calls: list) -> list:
         return []
     positions = 0
     for call in calls:
-        func, args = call.raw_args[0], call.raw_args[1:]
-        x = args[1] if func in _MATMUL and use.cotangent_dim == 0 else args[0]
-        d_a = x.shape[-2] if func in _MATMUL and use.cotangent_dim == 0 else x.shape[-1]
-        positions += x[:1].numel() // max(d_a, 1)
+        x, feature = _dense_operand(use, call)
+        positions += x[:1].numel() // max(x.shape[feature], 1)
     weight = getattr(op, use.weight)
     d_g, d_a = weight.shape if use.cotangent_dim == 0 else weight.shape[::-1]
     return [PatchShape(max(positions, 1), d_a + (use.bias is not None), d_g, 1)]
 
 
-def _is_group_parameter(op: ParameterOp, value) -> bool:
-    return isinstance(value, nn.Parameter) and id(value) in op._slot_of
-
-
 def _is_group_tensor(op: ParameterOp, value) -> bool:
     """A parameter of the group or one of its shared tensors."""
-    return _is_group_parameter(op, value) or op.shared_tensor(value)
+    return op.owns_parameter(value) or op.shared_tensor(value)
 
 
 def _only_top_level(op: ParameterOp, args) -> bool:
@@ -637,7 +638,7 @@ def closed_form_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int)
     func, args = call.raw_args[0], call.raw_args[1:]
     slots = [i for i, a in enumerate(args) if _is_group_tensor(op, a)]
     ids = [id(args[i]) for i in slots]
-    names = {op._slot_of[id(args[i])] for i in slots if _is_group_parameter(op, args[i])}
+    names = {op._slot_of[id(args[i])] for i in slots if op.owns_parameter(args[i])}
     if not slots or not _only_top_level(op, args) or len(set(ids)) != len(ids) or not names <= set(params):
         return None  # a tensor twice (p * p), or inside a list: left to the vjp
     if any(isinstance(a, torch.Tensor) and a.is_complex() for a in args):
@@ -675,7 +676,7 @@ def _embedding_grads(op: ParameterOp, params: dict, call: Call, n: int, c: int) 
     idx, weight = args
     if options.get("max_norm") is not None or options.get("scale_grad_by_freq"):
         return None
-    if (not _is_group_parameter(op, weight) or weight.dim() != 2 or not isinstance(idx, torch.Tensor)
+    if (not op.owns_parameter(weight) or weight.dim() != 2 or not isinstance(idx, torch.Tensor)
             or isinstance(idx, nn.Parameter) or idx.dim() == 0 or idx.shape[0] != n):
         return None
     g = call.cotangents[0]
@@ -703,7 +704,7 @@ def _elementwise_grads(op: ParameterOp, func, args, slots: list, g: torch.Tensor
         grad = None if grad is None else _sum_to_parameter(grad, tensor)
         if grad is None:
             return None
-        if _is_group_parameter(op, tensor):
+        if op.owns_parameter(tensor):
             parts = {op._slot_of[id(tensor)]: grad}
         else:
             parts = op.pull_back(tensor, grad, params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from packaging.version import Version
 
 from ..backends import triton_interpreting
 
@@ -63,14 +64,6 @@ def check_launchable(kernel, op: str) -> None:
                            "so the kernels were compiled for a GPU; set it before anything imports triton")
 
 
-def _version(text: str) -> tuple:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
 def _numpy_version() -> str:
     import numpy
     return numpy.__version__
@@ -80,7 +73,7 @@ def _interpreter_breaks_on_numpy() -> bool:
     """Triton < 3.7 turns loop bounds into Python ints with ``int(array)`` on 1-element
     arrays, which NumPy 2.4 no longer allows (measured: triton 3.6 fails with numpy 2.4.6
     and runs with 2.3.5; triton 3.7 squeezes first)."""
-    return _version(triton.__version__) < (3, 7) and _version(_numpy_version()) >= (2, 4)
+    return Version(triton.__version__) < Version("3.7") and Version(_numpy_version()) >= Version("2.4")
 
 
 def pick_backend(chosen: str, requested: str, tensors, op: str, dtypes=KERNEL_DTYPES) -> str:
